@@ -1,0 +1,25 @@
+"""Entry point: `python train.py [group=option ...] [key=value ...] [+experiment=NAME]`.
+
+Hydra composes configs/train.yaml with the chosen group options; trainer/run.py does the rest.
+"""
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from trainer.config import register_configs
+
+register_configs()
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    from trainer.run import run
+
+    return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Build everything a run needs from its config: data, tokenizer, model, optimizer, schedule, and the
+state of a checkpoint when resuming. All bad input is found here, before the first step."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.minigpt import GPTConfig, MiniGPT
+from optim.builder import build_optimizer
+from optim.schedules import build_scheduler
+from trainer import checkpoint as ckpt_io
+from trainer.config import ModelConfig, TrainConfig
+from trainer.data import RandomWindows, build_tokenizer, check_split_sizes, find_corpus, prepare_tokens
+from trainer.errors import ConfigError
+from trainer.runtime import check_precision, grad_scaler, pick_device, seed_everything, set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    model: MiniGPT  # the plain module: weights, checkpoints, sampling
+    step_model: torch.nn.Module  # what the loop calls (compiled when trainer.compile)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    train_windows: RandomWindows
+    val_tokens: np.ndarray
+    tokenizer: object
+    seq_len: int
+    start_step: int  # optimizer steps already done (0, or the resumed checkpoint's step)
+    resumed_from: Path | None
+    resumed_state: dict | None
+
+
+def model_config(cfg: ModelConfig, tokenizer_vocab: int) -> GPTConfig:
+    vocab = cfg.vocab_size
+    if vocab is None:
+        vocab = -(-tokenizer_vocab // cfg.pad_vocab_multiple) * cfg.pad_vocab_multiple
+    elif vocab < tokenizer_vocab:
+        raise ConfigError(
+            f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}): "
+            f"set model.vocab_size=null to take the tokenizer's size"
+        )
+    return GPTConfig(
+        vocab_size=vocab, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, pos_emb=cfg.pos_emb, rope_theta=cfg.rope_theta,
+    )  # fmt: skip
+
+
+def setup_run(cfg: TrainConfig, run_dir: Path) -> Run:
+    t = cfg.trainer
+    device = pick_device(t.device)
+    check_precision(t.precision, device)
+    seed_everything(t.seed)
+
+    cache_dir = Path(cfg.data.cache_dir).expanduser()
+    corpus = find_corpus(cfg.data)
+    tokenizer = build_tokenizer(cfg.tokenizer, corpus, cache_dir)
+    splits = prepare_tokens(corpus, tokenizer, cache_dir, cfg.data.val_fraction, progress=t.progress)
+    seq_len = cfg.data.seq_len or cfg.model.block_size
+    check_split_sizes(splits, seq_len, t.micro_batch_size)
+    gpt_config = model_config(cfg.model, tokenizer.vocab_size)
+
+    ckpt_io.remove_stale_temporaries(run_dir / "checkpoints")
+    ckpt = ckpt_io.resolve_resume(t.resume, run_dir)
+    state = None
+    if ckpt is not None:
+        state = ckpt_io.load_state(ckpt)
+        ckpt_io.check_compatible(state, asdict(gpt_config), tokenizer.identity, ckpt)
+
+    model = MiniGPT(gpt_config).to(device)
+    optimizer = build_optimizer(model, cfg.optimizer, device)
+    scheduler = build_scheduler(optimizer, cfg.schedule, t.max_steps)
+    scaler = grad_scaler(t.precision, device)
+    windows = RandomWindows(splits.train, seq_len, t.micro_batch_size, seed=t.seed, device=device)
+    start_step = 0
+    if state is not None:
+        ckpt_io.load_weights(model, ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        windows.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"], device)
+        start_step = state["step"]
+        log.info("resumed from %s at step %d", ckpt, start_step)
+        if start_step >= t.max_steps:
+            log.info("checkpoint step %d >= trainer.max_steps=%d: nothing to train", start_step, t.max_steps)
+
+    step_model = torch.compile(model) if t.compile else model
+    log.info(
+        "model: %.2fM parameters (%.2fM non-embedding), %.1f MFLOP/token | data: %s train / %s val tokens "
+        "(%s, vocab %d) | device %s, %s",
+        model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6,
+        model.flops_per_token(seq_len) / 1e6, f"{len(splits.train):,}", f"{len(splits.val):,}",
+        tokenizer.identity, tokenizer.vocab_size, device, t.precision.value,
+    )  # fmt: skip
+    return Run(
+        cfg=cfg, run_dir=run_dir, device=device, model=model, step_model=step_model, optimizer=optimizer,
+        scheduler=scheduler, scaler=scaler, train_windows=windows, val_tokens=splits.val, tokenizer=tokenizer,
+        seq_len=seq_len, start_step=start_step, resumed_from=ckpt, resumed_state=state,
+    )  # fmt: skip

@@ -1,0 +1,240 @@
+"""Typed structured configs: the schema every YAML under configs/ is checked against.
+
+Each config group has a dataclass here, stored in Hydra's ConfigStore as the group's schema
+(`<group>/schema`), and each YAML option lists that schema first in its defaults. A misspelt key
+or a value of the wrong type is therefore rejected by Hydra while composing, before any work.
+Value checks that types cannot express (lr > 0, betas in [0, 1), ...) live in `validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from trainer.errors import ConfigError
+
+
+class Precision(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class DeviceKind(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class WandbMode(str, Enum):
+    auto = "auto"  # online when logged in, offline otherwise
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128
+    vocab_size: int | None = None  # None: the tokenizer's size, padded to pad_vocab_multiple
+    pad_vocab_multiple: int = 64  # round the embedding up for faster matmuls (50257 -> 50304)
+    dropout: float = 0.0
+    bias: bool = True
+    pos_emb: str = "learned"  # learned | rope
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class DataConfig:
+    kind: str = "stdlib"  # stdlib | text
+    path: str | None = None  # data=text: a file, a directory or a glob
+    seq_len: int | None = None  # training sequence length; None: model.block_size
+    val_fraction: float = 0.05
+    cache_dir: str = ".cache/data"  # token caches, keyed by corpus and tokenizer
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "byte"  # byte | char | bpe | hf
+    vocab_size: int = 4096  # tokenizer=bpe: size to train
+    name: str | None = None  # tokenizer=hf: a hub id or a local directory
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    impl: str = "auto"  # auto | fused | foreach | for_loop
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # constant | cosine | wsd
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # the lr floor, as a fraction of optimizer.lr
+    decay_fraction: float = 0.2  # wsd: the share of max_steps spent decaying
+    decay_type: str = "linear"  # wsd: linear | cosine | 1-sqrt
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 32
+    grad_accum_steps: int = 1
+    precision: Precision = Precision.bf16
+    grad_clip: float = 1.0  # max global L2 norm; 0 = off
+    grad_clip_value: float = 0.0  # max |grad| per element; 0 = off
+    eval_interval: int = 200
+    eval_steps: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    device: DeviceKind = DeviceKind.auto
+    compile: bool = False
+    resume: str | None = None  # null | auto | a checkpoint or run directory
+    sample_tokens: int = 300  # text sampled at the end (0 = none)
+    sample_prompt: str = "\n"
+    sample_temperature: float = 0.8
+    sample_top_k: int = 40
+    progress: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.auto
+    project: str = "minigpt"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    tokenizer: TokenizerConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "tokenizer": TokenizerConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+    "trainer": TrainerConfig,
+    "logger": LoggerConfig,
+}
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name="schema", node=schema)
+
+
+def to_typed(cfg: DictConfig | Any) -> TrainConfig:
+    """Turn a composed DictConfig into TrainConfig dataclasses (enums included), then validate."""
+    typed = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+    validate(typed)
+    return typed
+
+
+CHOICES = {
+    "data.kind": ("stdlib", "text"),
+    "tokenizer.kind": ("byte", "char", "bpe", "hf"),
+    "optimizer.name": ("adamw",),
+    "optimizer.impl": ("auto", "fused", "foreach", "for_loop"),
+    "schedule.name": ("constant", "cosine", "wsd"),
+    "schedule.decay_type": ("linear", "cosine", "1-sqrt"),
+    "model.pos_emb": ("learned", "rope"),
+}
+
+
+def _get(cfg: TrainConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise ConfigError naming the first bad value and how to fix it."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+    m, t, o, s = cfg.model, cfg.trainer, cfg.optimizer, cfg.schedule
+    positive = {
+        "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
+        "model.block_size": m.block_size, "trainer.max_steps": t.max_steps,
+        "trainer.micro_batch_size": t.micro_batch_size, "trainer.grad_accum_steps": t.grad_accum_steps,
+        "trainer.eval_interval": t.eval_interval, "trainer.eval_steps": t.eval_steps,
+        "trainer.log_interval": t.log_interval, "trainer.ckpt_interval": t.ckpt_interval,
+        "trainer.keep_checkpoints": t.keep_checkpoints, "model.pad_vocab_multiple": m.pad_vocab_multiple,
+    }  # fmt: skip
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
+    if m.pos_emb == "rope" and (m.n_embd // m.n_head) % 2:
+        raise ConfigError("model.pos_emb=rope needs an even head size (model.n_embd / model.n_head)")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if m.vocab_size is not None and m.vocab_size < 1:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} must be positive, or null to take the tokenizer's")
+    seq_len = cfg.data.seq_len
+    if seq_len is not None and not 1 <= seq_len <= m.block_size:
+        raise ConfigError(
+            f"data.seq_len={seq_len} is larger than the model allows (model.block_size={m.block_size}): "
+            f"raise model.block_size or lower data.seq_len"
+        )
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    if cfg.data.kind == "text" and not cfg.data.path:
+        raise ConfigError("data=text needs data.path=FILE, DIRECTORY or GLOB")
+    if cfg.tokenizer.kind == "hf" and not cfg.tokenizer.name:
+        raise ConfigError("tokenizer=hf needs tokenizer.name=HUB_ID or a local directory")
+    if cfg.tokenizer.kind == "bpe" and not 257 <= cfg.tokenizer.vocab_size <= 2**20:
+        raise ConfigError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} must be in [257, 1048576] for bpe")
+    if not o.lr > 0:
+        raise ConfigError(f"optimizer.lr={o.lr} must be > 0")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    if not o.eps > 0:
+        raise ConfigError(f"optimizer.eps={o.eps} must be > 0")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optimizer.betas={list(o.betas)} must be two numbers in [0, 1), e.g. [0.9,0.95]")
+    if s.warmup_steps < 0:
+        raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be >= 0")
+    if not 0.0 <= s.min_lr_ratio <= 1.0:
+        raise ConfigError(f"schedule.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
+    if not 0.0 <= s.decay_fraction <= 1.0:
+        raise ConfigError(f"schedule.decay_fraction={s.decay_fraction} must be in [0, 1]")
+    if t.grad_clip < 0 or t.grad_clip_value < 0:
+        raise ConfigError("trainer.grad_clip and trainer.grad_clip_value must be >= 0 (0 turns them off)")
+    if t.sample_tokens < 0 or t.sample_temperature < 0 or t.sample_top_k < 0:
+        raise ConfigError("trainer.sample_tokens, sample_temperature and sample_top_k must be >= 0")

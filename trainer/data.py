@@ -1,0 +1,213 @@
+"""Corpus -> tokenizer -> token cache -> random training windows.
+
+The corpus is a list of text files: the running Python's standard-library sources (`data=stdlib`,
+no download) or the user's files (`data=text`). Documents are put in a fixed pseudo-random order,
+tokenised once with an end-of-text id between them where the tokenizer has one, and written as a
+uint16/uint32 memmap cache keyed by the corpus and tokenizer. The last `val_fraction` of the tokens is
+the validation split. Batches are random windows drawn by a seeded torch.Generator whose state goes
+into each checkpoint, so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from trainer.config import DataConfig, TokenizerConfig
+from trainer.errors import ConfigError
+from trainer.tokenizers import ByteTokenizer, CharTokenizer, load_hf_tokenizer, load_tokenizer, train_bpe
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class Corpus:
+    files: list[Path]
+    fingerprint: str  # changes when any file is added, removed, resized or touched
+
+    def texts(self) -> Iterator[str]:
+        for path in self.files:
+            yield path.read_bytes().decode("utf-8", errors="replace")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+
+def find_corpus(cfg: DataConfig) -> Corpus:
+    if cfg.kind == "stdlib":
+        files = _stdlib_sources()
+    else:
+        files = _text_files(cfg.path)
+    if not files:
+        raise ConfigError(f"no corpus files found for data.kind={cfg.kind} data.path={cfg.path!r}")
+    # A fixed pseudo-random document order, so the held-out tail is a mix of documents.
+    files.sort(key=lambda p: hashlib.sha256(str(p).encode()).hexdigest())
+    h = hashlib.sha256(cfg.kind.encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return Corpus(files, h.hexdigest()[:16])
+
+
+def _stdlib_sources() -> list[Path]:
+    """Every .py file of the running interpreter's standard library (third-party packages pruned)."""
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    files = []
+    for dirpath, dirnames, filenames in os.walk(sysconfig.get_paths()["stdlib"]):
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        files += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
+    return [p for p in files if p.is_file()]
+
+
+def _text_files(path: str | None) -> list[Path]:
+    if not path:
+        raise ConfigError("data=text needs data.path=FILE, DIRECTORY or GLOB")
+    expanded = os.path.expanduser(path)
+    if any(ch in expanded for ch in "*?["):
+        files = [Path(p) for p in glob.glob(expanded, recursive=True)]
+    elif os.path.isdir(expanded):
+        files = [p for p in Path(expanded).rglob("*") if not any(s.startswith(".") for s in p.parts[-1:])]
+    elif os.path.isfile(expanded):
+        files = [Path(expanded)]
+    else:
+        raise ConfigError(f"data.path={path!r} does not exist: point it at a text file, a directory or a glob")
+    files = [p.resolve() for p in files if p.is_file()]
+    if not files:
+        raise ConfigError(f"data.path={path!r} holds no files: point it at a text file, a directory or a glob")
+    return files
+
+
+def build_tokenizer(cfg: TokenizerConfig, corpus: Corpus, cache_dir: Path):
+    """Byte and HF tokenizers need no corpus; char and BPE are built from it once and cached."""
+    if cfg.kind == "byte":
+        return ByteTokenizer()
+    if cfg.kind == "hf":
+        return load_hf_tokenizer(cfg.name)
+    suffix = f"-{cfg.vocab_size}" if cfg.kind == "bpe" else ""
+    saved = cache_dir / "tokenizers" / f"{cfg.kind}{suffix}-{corpus.fingerprint}"
+    if (saved / "tokenizer.json").exists():
+        return load_tokenizer(saved)
+    if cfg.kind == "char":
+        tok = CharTokenizer.from_texts(corpus.texts())
+    else:
+        tok = train_bpe(corpus.texts, len(corpus.files), cfg.vocab_size)
+    with _atomic_dir(saved) as tmp:
+        tok.save(tmp)
+    return tok
+
+
+@dataclass
+class TokenSplits:
+    train: np.ndarray  # memmaps over the cache files
+    val: np.ndarray
+    meta: dict
+
+
+def prepare_tokens(
+    corpus: Corpus, tokenizer, cache_dir: Path, val_fraction: float, progress: bool = True
+) -> TokenSplits:
+    """Tokenise the corpus once; later runs with the same corpus and tokenizer memory-map the cache."""
+    key = hashlib.sha256(
+        f"{CACHE_FORMAT}|{corpus.fingerprint}|{tokenizer.identity}|{val_fraction}".encode()
+    ).hexdigest()[:16]
+    target = cache_dir / f"tokens-{key}"
+    if not (target / "meta.json").exists():
+        tokens = _tokenize(corpus, tokenizer, progress)
+        n_val = max(1, int(len(tokens) * val_fraction))
+        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+        meta = {
+            "format": CACHE_FORMAT, "corpus": corpus.fingerprint, "tokenizer": tokenizer.identity,
+            "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name, "documents": len(corpus.files),
+            "train_tokens": len(tokens) - n_val, "val_tokens": n_val,
+        }  # fmt: skip
+        with _atomic_dir(target) as tmp:
+            tokens[:-n_val].astype(dtype).tofile(tmp / "train.bin")
+            tokens[-n_val:].astype(dtype).tofile(tmp / "val.bin")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    meta = json.loads((target / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    train = np.memmap(target / "train.bin", dtype=dtype, mode="r") if meta["train_tokens"] else np.zeros(0)
+    val = np.memmap(target / "val.bin", dtype=dtype, mode="r")
+    return TokenSplits(train, val, meta)
+
+
+def _tokenize(corpus: Corpus, tokenizer, progress: bool, batch_docs: int = 64) -> np.ndarray:
+    parts: list[np.ndarray] = []
+    eot = None if tokenizer.eot_id is None else np.array([tokenizer.eot_id], dtype=np.int64)
+    bar = tqdm(total=corpus.total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    texts = corpus.texts()
+    for start in range(0, len(corpus.files), batch_docs):
+        batch = [next(texts) for _ in corpus.files[start : start + batch_docs]]
+        for ids in tokenizer.encode_batch(batch):
+            parts.append(ids)
+            if eot is not None:
+                parts.append(eot)
+        bar.update(sum(p.stat().st_size for p in corpus.files[start : start + batch_docs]))
+    bar.close()
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+class _atomic_dir:
+    """Write into a temporary sibling directory, then rename it into place: never half a cache."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.target.name}-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self.target.exists():
+            os.replace(self.tmp, self.target)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def check_split_sizes(splits: TokenSplits, seq_len: int, micro_batch_size: int) -> None:
+    """Fail before training when the corpus cannot fill one batch."""
+    need_train = micro_batch_size * seq_len + 1
+    if len(splits.train) < need_train or len(splits.val) < seq_len + 1:
+        raise ConfigError(
+            f"corpus too short: {len(splits.train)} train and {len(splits.val)} val tokens, but one batch "
+            f"needs {need_train} train and {seq_len + 1} val tokens; use more text or lower "
+            f"model.block_size / data.seq_len / trainer.micro_batch_size"
+        )
+
+
+class RandomWindows:
+    """Batches of random (input, target) windows from a token array, drawn by a seeded generator."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, device: torch.device):
+        self.tokens, self.seq_len, self.batch_size, self.device = tokens, seq_len, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self._offsets = np.arange(seq_len + 1)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        high = len(self.tokens) - self.seq_len  # window start in [0, high)
+        starts = torch.randint(0, high, (self.batch_size,), generator=self.generator).numpy()
+        window = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
+        if self.device.type == "cuda":
+            window = window.pin_memory().to(self.device, non_blocking=True)
+        else:
+            window = window.to(self.device)
+        return window[:, :-1], window[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,163 @@
+"""The training loop: steps, evaluation, logging and checkpoints. Everything is built in trainer/build.py.
+
+Host syncs (`.item()`) happen only at log, eval and checkpoint steps; in between, the loss and the
+gradient norm stay on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from trainer import checkpoint as ckpt_io
+from trainer.build import Run
+from trainer.data import RandomWindows
+from trainer.metrics import MetricsLogger
+from trainer.runtime import StopSignal, autocast, rng_state
+
+log = logging.getLogger(__name__)
+VAL_SEED = 0  # every evaluation reads the same validation windows, so evals compare like with like
+
+
+@dataclass
+class FitResult:
+    step: int
+    val_loss: float | None
+    interrupted_by: int | None  # the signal number when stopped early
+
+
+def train_step(
+    model: torch.nn.Module,
+    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    n_micro: int,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    ctx,
+    params: Sequence[torch.nn.Parameter],
+    grad_clip: float = 0.0,
+    grad_clip_value: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over n_micro micro-batches. Returns (mean loss, pre-clip global grad norm).
+
+    Each micro-batch loss is divided by n_micro, so the summed gradients equal the gradient of the
+    mean loss over the whole batch, as if it had been one batch.
+    """
+    total = torch.zeros((), device=params[0].device)
+    for x, y in micro_batches:
+        with ctx:
+            _, loss = model(x, y)
+        scaler.scale(loss / n_micro).backward()
+        total += loss.detach()
+    scaler.unscale_(optimizer)  # no-op unless fp16
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
+    if grad_clip_value > 0:
+        torch.nn.utils.clip_grad_value_(params, grad_clip_value, foreach=True)
+    scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total / n_micro, norm
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean loss over trainer.eval_steps fixed validation batches."""
+    t = run.cfg.trainer
+    windows = RandomWindows(run.val_tokens, run.seq_len, t.micro_batch_size, VAL_SEED, run.device)
+    run.step_model.eval()
+    losses = torch.zeros(t.eval_steps, device=run.device)
+    with autocast(t.precision, run.device):
+        for i in range(t.eval_steps):
+            _, losses[i] = run.step_model(*windows.next_batch())
+    run.step_model.train()
+    return losses.mean().item()
+
+
+def save(run: Run, step: int, loss_window: tuple[float, int]) -> None:
+    state = {
+        "format": 1, "step": step, "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+        "sampler": run.train_windows.state_dict(), "rng": rng_state(run.device),
+        "loss_window": list(loss_window), "model_config": vars(run.model.config).copy(),
+        "tokenizer": run.tokenizer.identity,
+    }  # fmt: skip
+    path = ckpt_io.save_checkpoint(
+        run.run_dir / "checkpoints", step, run.model, state, OmegaConf.to_yaml(run.cfg), run.tokenizer,
+        run.cfg.trainer.keep_checkpoints,
+    )  # fmt: skip
+    log.info("step %d: checkpoint %s", step, path)
+
+
+def fit(run: Run, metrics: MetricsLogger) -> FitResult:
+    t = run.cfg.trainer
+    ctx = autocast(t.precision, run.device)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * run.seq_len
+    loss_sum, loss_count = (run.resumed_state or {}).get("loss_window", (0.0, 0))
+    loss_sum = torch.tensor(float(loss_sum), device=run.device)
+    val_loss = None
+    if run.start_step == 0:  # the starting point of the val curve
+        val_loss = evaluate(run)
+        metrics.log(0, {"tokens": 0, "val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
+        log.info("step 0: val loss %.4f", val_loss)
+    bar = tqdm(total=t.max_steps, initial=run.start_step, disable=not t.progress, desc="train", unit="step")
+    timer, timed_steps = time.perf_counter(), 0
+    step = run.start_step
+    with StopSignal() as stop:
+        while step < t.max_steps and stop.signum is None:
+            lr = run.optimizer.param_groups[0]["lr"]
+            batches = (run.train_windows.next_batch() for _ in range(t.grad_accum_steps))
+            loss, norm = train_step(
+                run.step_model, batches, t.grad_accum_steps, run.optimizer, run.scaler, ctx, params,
+                t.grad_clip, t.grad_clip_value,
+            )  # fmt: skip
+            run.scheduler.step()
+            step, timed_steps, loss_count = step + 1, timed_steps + 1, loss_count + 1
+            loss_sum += loss
+            bar.update(1)
+            last = step == t.max_steps
+            record = {}
+            if step % t.log_interval == 0 or last:
+                train_loss = loss_sum.item() / loss_count  # host sync: log steps only
+                tok_s = timed_steps * tokens_per_step / (time.perf_counter() - timer)
+                record.update({"train/loss": train_loss, "lr": lr, "grad_norm": norm.item(), "tokens_per_s": tok_s})
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                loss_sum.zero_()
+                loss_count = 0
+            if step % t.eval_interval == 0 or last:
+                val_loss = evaluate(run)
+                record.update({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
+                log.info("step %d: val loss %.4f", step, val_loss)
+            if record:
+                metrics.log(step, {"tokens": step * tokens_per_step, **record})
+            if step % t.ckpt_interval == 0 or last or stop.signum is not None:
+                save(run, step, (loss_sum.item(), loss_count))
+            if record or step % t.ckpt_interval == 0:  # keep eval and checkpoint time out of tokens/s
+                timer, timed_steps = time.perf_counter(), 0
+    bar.close()
+    return FitResult(step=step, val_loss=val_loss, interrupted_by=stop.signum)
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int):
+    """Continue `prompt` (used at the end of a run and by scripts/sample.py)."""
+    device = next(model.parameters()).device
+    ids = tokenizer.encode_batch([prompt])[0] if prompt else np.zeros(0, dtype=np.int64)
+    if len(ids) == 0:
+        ids = np.array([tokenizer.eot_id or 0])
+    idx = torch.as_tensor(ids, dtype=torch.long, device=device)[None]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None, generator=gen)
+    model.train(was_training)
+    return tokenizer.decode(out[0].tolist())
