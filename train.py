@@ -3,12 +3,14 @@
 Hydra composes configs/train.yaml with the chosen group options; trainer/run.py does the rest.
 """
 
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from trainer.cli import precheck
 from trainer.config import register_configs
 
 register_configs()
@@ -22,4 +24,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    precheck(sys.argv[1:])  # one-line errors for bad overrides, before Hydra creates a run directory
     main()

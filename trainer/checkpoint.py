@@ -109,15 +109,15 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
 
 def check_compatible(state: dict, model_config: dict, tokenizer_identity: str, ckpt: Path) -> None:
     """Refuse to resume into a model of another shape or with another vocabulary."""
+    if state["tokenizer"] != tokenizer_identity:
+        raise ConfigError(
+            f"checkpoint {ckpt} was trained with another vocabulary (tokenizer {state['tokenizer']}, "
+            f"config gives {tokenizer_identity}): resume with the same tokenizer and data, or start a new run"
+        )
     saved = state["model_config"]
     diffs = [f"model.{k}={saved.get(k)} there, {v} here" for k, v in model_config.items() if saved.get(k) != v]
     if diffs:
         raise ConfigError(
             f"checkpoint {ckpt} has another model shape ({'; '.join(diffs)}): resume with the same "
             f"model settings, or start a new run (trainer.resume=null or a new hydra.run.dir)"
-        )
-    if state["tokenizer"] != tokenizer_identity:
-        raise ConfigError(
-            f"checkpoint {ckpt} was trained with another vocabulary (tokenizer {state['tokenizer']}, "
-            f"config gives {tokenizer_identity}): resume with the same tokenizer and data, or start a new run"
         )

@@ -1,0 +1,93 @@
+"""Config composition: every option composes; typos, wrong types and bad values are rejected."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import REPO, compose_cfg
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from trainer.config import Precision, TrainConfig, to_typed
+from trainer.errors import ConfigError
+
+GROUPS = ["model", "data", "tokenizer", "optimizer", "schedule", "trainer", "logger"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (REPO / "configs" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g in GROUPS for o in options(g)] + [f"+experiment={o}" for o in options("experiment")]
+)
+def test_every_option_composes_and_validates(override):
+    extra = ["data.path=/some/file.txt"] if override == "data=text" else []
+    cfg = to_typed(compose_cfg([override, *extra]))
+    assert isinstance(cfg, TrainConfig)
+    group, _, option = override.lstrip("+").partition("=")
+    if group in ("model", "optimizer", "schedule"):
+        # the option's YAML really was applied
+        assert {"model": cfg.model.n_layer, "optimizer": cfg.optimizer.name, "schedule": cfg.schedule.name}[group]
+
+
+def test_each_group_has_options():
+    for group in GROUPS + ["experiment"]:
+        assert options(group), group
+    assert {"nano", "gpt2", "gpt2-medium"} <= set(options("model"))
+    assert {"constant", "cosine", "wsd"} <= set(options("schedule"))
+    assert {"char", "byte", "bpe", "hf"} <= set(options("tokenizer"))
+    assert "gpt2_124m" in options("experiment")
+
+
+def test_defaults_are_the_cpu_run():
+    cfg = to_typed(compose_cfg([]))
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.data.kind, cfg.tokenizer.kind) == (4, 128, "stdlib", "byte")
+    assert cfg.trainer.precision == Precision.bf16 and cfg.optimizer.name == "adamw"
+
+
+def test_experiment_presets_override_groups():
+    cfg = to_typed(compose_cfg(["+experiment=gpt2_124m"]))
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (12, 12, 768, 1024)
+    assert cfg.optimizer.lr == 6e-4 and cfg.tokenizer.kind == "hf" and cfg.trainer.compile
+
+
+def test_misspelt_key_is_rejected_naming_it():
+    with pytest.raises(Exception, match="max_stpes") as info:
+        compose_cfg(["trainer.max_stpes=5"])
+    assert isinstance(info.value.__cause__, ConfigKeyError) or "not in" in str(info.value.__cause__)
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(Exception) as info:
+        compose_cfg(["trainer.max_steps=abc"])
+    assert isinstance(info.value.__cause__, ValidationError)
+    with pytest.raises(Exception, match="precision"):
+        compose_cfg(["trainer.precision=bf17"])
+
+
+def test_unknown_group_option_is_rejected():
+    with pytest.raises(Exception, match="optimizer/nonsense"):
+        compose_cfg(["optimizer=nonsense"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("optimizer.lr=-1e-3", "optimizer.lr"),
+        ("optimizer.betas=[0.9,1.0]", "optimizer.betas"),
+        ("optimizer.betas=[-0.1,0.9]", "optimizer.betas"),
+        ("optimizer.betas=[0.9]", "optimizer.betas"),
+        ("optimizer.eps=0", "optimizer.eps"),
+        ("trainer.grad_accum_steps=0", "grad_accum_steps"),
+        ("trainer.micro_batch_size=0", "micro_batch_size"),
+        ("data.seq_len=256", "larger than the model allows"),
+        ("model.n_head=3", "divisible"),
+        ("schedule.min_lr_ratio=1.5", "min_lr_ratio"),
+        ("trainer.grad_clip=-1", "grad_clip"),
+        ("model.dropout=1.0", "dropout"),
+        ("data=text", "data.path"),
+    ],
+)
+def test_bad_values_fail_with_a_message(override, message):
+    with pytest.raises(ConfigError, match=message):
+        to_typed(compose_cfg([override]))

@@ -1,0 +1,58 @@
+"""One-line errors for bad command lines.
+
+Hydra reports a bad override over several lines (search paths, object types, a hint about a stack
+trace). Before Hydra starts the run, `precheck` composes the same config with the same overrides and
+validates it; any problem is printed as a single `error: ...` line and the process exits with 2, so
+no run directory is created for a command line that cannot work.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from trainer.config import to_typed
+from trainer.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_NOISE = ("Config search path", "provider=", "full_key:", "reference_type=", "object_type=", "To append")
+
+
+def one_line(error: BaseException) -> str:
+    """Hydra/OmegaConf's message (and its causes) without search paths and type dumps, on one line."""
+    parts: list[str] = []
+    for err in (error, error.__cause__):  # Hydra's summary, then OmegaConf's reason
+        for raw in str(err or "").splitlines():
+            line = raw.strip().rstrip(":.")
+            if line and not line.startswith(_NOISE) and "$VALUE" not in line and line not in parts:
+                parts.append(line)
+    text = "; ".join(parts)
+    return text.replace("; Available options in", " - available options in").replace("'; ", "': ", 1)
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose and validate a single run's overrides; exit with one line on failure.
+
+    Multirun sweeps (`-m`) and Hydra's own flags (`--cfg`, `--help`, ...) are left to Hydra.
+    """
+    if any(arg.startswith("-") for arg in argv):
+        return
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=list(argv))
+        OmegaConf.resolve(cfg)
+        to_typed(cfg)
+    except ConfigError as e:
+        _exit(str(e))
+    except (HydraException, OmegaConfBaseException) as e:
+        _exit(f"{one_line(e)} (see `python train.py --help` for groups and options, `--cfg job` for every key)")
+
+
+def _exit(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
