@@ -34,9 +34,7 @@ def _impl_kwargs(impl: str, device: torch.device) -> dict:
 
 
 def _adamw(groups: list[dict], cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **_impl_kwargs(cfg.impl, device)
-    )
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **_impl_kwargs(cfg.impl, device))
 
 
 OPTIMIZERS: dict[str, Callable[[list[dict], OptimizerConfig, torch.device], torch.optim.Optimizer]] = {

@@ -23,9 +23,7 @@ def build_scheduler(
     if cfg.name == "constant":
         return get_constant_schedule_with_warmup(optimizer, warmup)
     if cfg.name == "cosine":
-        return get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, warmup, max_steps, min_lr_rate=cfg.min_lr_ratio
-        )
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, max_steps, min_lr_rate=cfg.min_lr_ratio)
     if cfg.name == "wsd":
         decay = round(max_steps * cfg.decay_fraction)
         return get_wsd_schedule(

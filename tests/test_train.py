@@ -77,7 +77,7 @@ def test_accumulation_matches_one_big_batch():
     loss_acc, norm_acc, grads_acc = run_step(b, [(x[:4], y[:4]), (x[4:], y[4:])])
     torch.testing.assert_close(loss_acc, loss_big, rtol=1e-6, atol=0)
     torch.testing.assert_close(norm_acc, norm_big, rtol=1e-5, atol=0)
-    for g1, g2 in zip(grads_big, grads_acc):
+    for g1, g2 in zip(grads_big, grads_acc, strict=True):
         torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-7)
 
 
@@ -92,7 +92,7 @@ def test_norm_clipping_bounds_the_norm_and_logs_the_preclip_norm():
     torch.testing.assert_close(logged, raw_norm)  # the logged norm is the pre-clip one
     after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped]))
     assert after <= clip * (1 + 1e-5)
-    for g, r in zip(clipped, raw):  # same direction, scaled
+    for g, r in zip(clipped, raw, strict=True):  # same direction, scaled
         torch.testing.assert_close(g, r * (clip / float(raw_norm)), rtol=1e-4, atol=1e-8)
 
 
@@ -116,12 +116,15 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus_file):
     extra = {"trainer.max_steps": 40, "model.dropout": 0.1, "trainer.grad_accum_steps": 2}
     full = train(tmp_path, corpus_file, tmp_path / "full", extra)
     assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "full" / "checkpoints")] == [
-        "step_00000030", "step_00000040"]  # fmt: skip  (keep_checkpoints=2)
+        "step_00000030",
+        "step_00000040",
+    ]  # fmt: skip  (keep_checkpoints=2)
     # A run stopped after step 20: its directory holds the step-20 checkpoint and the records up to 20.
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000030", resumed_dir / "checkpoints" / "step_00000030")
     (resumed_dir / "metrics.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in full if r["step"] <= 35))  # fmt: skip  (later ones get dropped)
+        "".join(json.dumps(r) + "\n" for r in full if r["step"] <= 35)
+    )  # fmt: skip  (later ones get dropped)
     resumed = train(tmp_path, corpus_file, resumed_dir, {**extra, "trainer.resume": "auto"})
     assert [r["step"] for r in resumed] == [r["step"] for r in full]
     for key in ("train/loss", "grad_norm", "lr", "val/loss"):

@@ -81,7 +81,7 @@ def remove_stale_temporaries(ckpt_root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+def resolve_resume(resume: str | None, run_dir: Path, what: str = "trainer.resume") -> Path | None:
     """`null` -> None; `auto` -> the latest checkpoint in this run directory, if any;
     a path -> that checkpoint, or the latest one in that run (or checkpoints) directory."""
     if resume is None:
@@ -96,7 +96,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
         ckpts = list_checkpoints(root)
         if ckpts:
             return ckpts[-1]
-    raise ConfigError(f"trainer.resume={resume!r}: no checkpoint there; give a checkpoint or run directory")
+    raise ConfigError(f"{what}={resume!r}: no checkpoint there; give a checkpoint or run directory")
 
 
 def load_state(ckpt: Path) -> dict:

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainer.config import to_typed
+from trainer.data import find_corpus
 from trainer.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -46,7 +47,9 @@ def precheck(argv: list[str]) -> None:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose("train", overrides=list(argv))
         OmegaConf.resolve(cfg)
-        to_typed(cfg)
+        typed = to_typed(cfg)
+        if typed.data.kind == "text":
+            find_corpus(typed.data)  # a missing data.path is reported before a run directory exists
     except ConfigError as e:
         _exit(str(e))
     except (HydraException, OmegaConfBaseException) as e:

@@ -51,14 +51,19 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             result = fit(r, metrics)
         if result.interrupted_by is not None:
             name = signal.Signals(result.interrupted_by).name
-            log.info("%s at step %d: checkpoint saved; continue with trainer.resume=auto "
-                     "hydra.run.dir=%s", name, result.step, run_dir)
+            log.info(
+                "%s at step %d: checkpoint saved; continue with trainer.resume=auto hydra.run.dir=%s",
+                name,
+                result.step,
+                run_dir,
+            )
             metrics.close()
             sys.exit(128 + result.interrupted_by)
         t = typed.trainer
         if t.sample_tokens > 0:
-            text = generate_text(r.model, r.tokenizer, t.sample_prompt, t.sample_tokens,
-                                 t.sample_temperature, t.sample_top_k, t.seed)
+            text = generate_text(
+                r.model, r.tokenizer, t.sample_prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k, t.seed
+            )
             (run_dir / "sample.txt").write_text(text)
             log.info("sample (sample.txt):\n%s", text)
         if result.val_loss is not None:

@@ -1,0 +1,80 @@
+"""Training throughput of a config: prints one JSON line with tokens/s and ms/step.
+
+    python scripts/bench.py                                # the default (model=nano, bf16) on this machine
+    python scripts/bench.py model=gpt2 trainer.micro_batch_size=8 --steps 20
+    python scripts/bench.py trainer.precision=fp32 --steps 50 --warmup 10
+
+Positional arguments are the same Hydra overrides train.py takes. Only optimizer steps are timed
+(data loading included, evaluation and checkpoints not); the first --warmup steps are not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from trainer.cli import CONFIG_DIR, precheck  # noqa: E402
+from trainer.config import register_configs, to_typed  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, caches)")
+    args = parser.parse_args(argv)
+    register_configs()
+    overrides = [*args.overrides, "trainer.progress=false", "logger.wandb.mode=disabled"]
+    precheck(overrides)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = to_typed(compose("train", overrides=overrides))
+
+    from trainer.build import setup_run
+    from trainer.loop import train_step
+    from trainer.runtime import autocast
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = setup_run(cfg, Path(tmp))
+    t = cfg.trainer
+    ctx = autocast(t.precision, run.device)
+    params = list(run.model.parameters())
+
+    def step():
+        batches = (run.train_windows.next_batch() for _ in range(t.grad_accum_steps))
+        loss, _ = train_step(run.step_model, batches, t.grad_accum_steps, run.optimizer, run.scaler, ctx, params,
+                             t.grad_clip, t.grad_clip_value)  # fmt: skip
+        run.scheduler.step()
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    loss.item()
+    sync()
+    elapsed = time.perf_counter() - start
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * run.seq_len
+    tokens_per_s = args.steps * tokens_per_step / elapsed
+    print(json.dumps({
+        "overrides": args.overrides, "device": str(run.device), "precision": t.precision.value,
+        "compile": t.compile, "threads": torch.get_num_threads(), "params": run.model.num_params(),
+        "tokens_per_step": tokens_per_step, "steps": args.steps, "ms_per_step": round(1000 * elapsed / args.steps, 2),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "achieved_tflops": round(tokens_per_s * run.model.flops_per_token(run.seq_len) / 1e12, 4),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Generate text from a checkpoint.
+
+    python scripts/sample.py runs/2026-11-26/08-00-00 --prompt "def " --max-new-tokens 300
+    python scripts/sample.py runs/.../checkpoints/step_00001000 --temperature 0 # greedy
+
+The argument is a checkpoint directory, or a run directory (its latest checkpoint is used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.minigpt import GPTConfig, MiniGPT  # noqa: E402
+from trainer import checkpoint as ckpt_io  # noqa: E402
+from trainer.config import DeviceKind  # noqa: E402
+from trainer.errors import ConfigError  # noqa: E402
+from trainer.loop import generate_text  # noqa: E402
+from trainer.runtime import pick_device  # noqa: E402
+from trainer.tokenizers import load_tokenizer  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint directory or run directory")
+    parser.add_argument("--prompt", default="\n")
+    parser.add_argument("--max-new-tokens", type=int, default=300)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=[d.value for d in DeviceKind])
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
+        parser.error("--max-new-tokens, --temperature and --top-k must be >= 0")
+    try:
+        ckpt = ckpt_io.resolve_resume(args.checkpoint, Path(args.checkpoint), what="checkpoint")
+        device = pick_device(DeviceKind(args.device))
+        state = ckpt_io.load_state(ckpt)
+        model = MiniGPT(GPTConfig(**state["model_config"]))
+        ckpt_io.load_weights(model, ckpt)
+        tokenizer = load_tokenizer(ckpt / "tokenizer")
+        text = generate_text(model.to(device), tokenizer, args.prompt, args.max_new_tokens,
+                             args.temperature, args.top_k, args.seed)  # fmt: skip
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
