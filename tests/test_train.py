@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -185,3 +188,20 @@ def test_resume_refuses_an_incompatible_checkpoint(tmp_path, corpus_file, change
 def test_compile_trains(tmp_path, corpus_file):
     records = train(tmp_path, corpus_file, tmp_path / "run", {"trainer.compile": "true", "trainer.max_steps": 5})
     assert by_step(records, "train/loss")[5] > 0
+
+
+def test_sigint_mid_run_checkpoints_and_exits_130(tmp_path, corpus_file):
+    """Ctrl-C: the step in flight finishes, a checkpoint is written, the exit status is 128 + SIGINT."""
+    extra = {"trainer.max_steps": 100000, "trainer.ckpt_interval": 100000, "trainer.eval_interval": 100000}
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(SystemExit) as info:
+            train(tmp_path, corpus_file, tmp_path / "run", extra)
+    finally:
+        timer.cancel()
+    assert info.value.code == 128 + signal.SIGINT
+    (ckpt,) = ckpt_io.list_checkpoints(tmp_path / "run" / "checkpoints")
+    step = ckpt_io.load_state(ckpt)["step"]
+    assert 0 < step < 100000
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

@@ -38,7 +38,7 @@ class Run:
     seq_len: int
     start_step: int  # optimizer steps already done (0, or the resumed checkpoint's step)
     resumed_from: Path | None
-    resumed_state: dict | None
+    loss_window: tuple[float, int]  # (sum, count) of train losses since the last log step
 
 
 def model_config(cfg: ModelConfig, tokenizer_vocab: int) -> GPTConfig:
@@ -82,7 +82,7 @@ def setup_run(cfg: TrainConfig, run_dir: Path) -> Run:
     scheduler = build_scheduler(optimizer, cfg.schedule, t.max_steps)
     scaler = grad_scaler(t.precision, device)
     windows = RandomWindows(splits.train, seq_len, t.micro_batch_size, seed=t.seed, device=device)
-    start_step = 0
+    start_step, loss_window = 0, (0.0, 0)
     if state is not None:
         ckpt_io.load_weights(model, ckpt)
         optimizer.load_state_dict(state["optimizer"])
@@ -90,7 +90,8 @@ def setup_run(cfg: TrainConfig, run_dir: Path) -> Run:
         scaler.load_state_dict(state["scaler"])
         windows.load_state_dict(state["sampler"])
         set_rng_state(state["rng"], device)
-        start_step = state["step"]
+        start_step, loss_window = state["step"], tuple(state["loss_window"])
+        del state  # drop the loaded optimizer tensors: they are copied into the optimizer now
         log.info("resumed from %s at step %d", ckpt, start_step)
         if start_step >= t.max_steps:
             log.info("checkpoint step %d >= trainer.max_steps=%d: nothing to train", start_step, t.max_steps)
@@ -106,5 +107,5 @@ def setup_run(cfg: TrainConfig, run_dir: Path) -> Run:
     return Run(
         cfg=cfg, run_dir=run_dir, device=device, model=model, step_model=step_model, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, train_windows=windows, val_tokens=splits.val, tokenizer=tokenizer,
-        seq_len=seq_len, start_step=start_step, resumed_from=ckpt, resumed_state=state,
+        seq_len=seq_len, start_step=start_step, resumed_from=ckpt, loss_window=loss_window,
     )  # fmt: skip

@@ -103,7 +103,7 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
     ctx = autocast(t.precision, run.device)
     params = [p for p in run.model.parameters() if p.requires_grad]
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * run.seq_len
-    loss_sum, loss_count = (run.resumed_state or {}).get("loss_window", (0.0, 0))
+    loss_sum, loss_count = run.loss_window
     loss_sum = torch.tensor(float(loss_sum), device=run.device)
     val_loss = None
     if run.start_step == 0:  # the starting point of the val curve

@@ -57,8 +57,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
                 result.step,
                 run_dir,
             )
-            metrics.close()
-            sys.exit(128 + result.interrupted_by)
+            sys.exit(128 + result.interrupted_by)  # `finally` closes the metrics
         t = typed.trainer
         if t.sample_tokens > 0:
             text = generate_text(
