@@ -91,3 +91,12 @@ def test_unknown_group_option_is_rejected():
 def test_bad_values_fail_with_a_message(override, message):
     with pytest.raises(ConfigError, match=message):
         to_typed(compose_cfg([override]))
+
+
+def test_a_yaml_option_with_a_misspelt_key_is_rejected(tmp_path):
+    """User-added options are checked against the group's schema too."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "typo.yaml").write_text("defaults:\n  - /model_schema@_here_\n  - _self_\nn_layr: 3\n")
+    with pytest.raises(Exception) as info:
+        compose_cfg(["model=typo", f"hydra.searchpath=[file://{tmp_path}]"])
+    assert "n_layr" in str(info.value) + str(info.value.__cause__)

@@ -1,7 +1,7 @@
 """Typed structured configs: the schema every YAML under configs/ is checked against.
 
-Each config group has a dataclass here, stored in Hydra's ConfigStore as `schema/<group>`, and each
-YAML option lists it first in its defaults (`/schema/<group>@_here_`). A misspelt key or a value of
+Each config group has a dataclass here, stored in Hydra's ConfigStore as `<group>_schema`, and each
+YAML option lists it first in its defaults (`/<group>_schema@_here_`). A misspelt key or a value of
 the wrong type is therefore rejected by Hydra while composing, before any work.
 Value checks that types cannot express (lr > 0, betas in [0, 1), ...) live in `validate`.
 """
@@ -153,7 +153,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for group, schema in GROUP_SCHEMAS.items():
-        cs.store(group="schema", name=group, node=schema)
+        cs.store(name=f"{group}_schema", node=schema)  # not a group, so --help does not list it
 
 
 def to_typed(cfg: DictConfig | Any) -> TrainConfig:
