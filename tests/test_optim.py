@@ -1,20 +1,31 @@
-"""Optimizer builder and learning-rate schedules."""
+"""Optimizer builder: every torch.optim-backed option builds that class with its configured
+hyperparameters; parameter groups; Muon's split; lr scaling; invalid hyperparameters."""
 
 from __future__ import annotations
 
-import math
+import logging
 
 import pytest
 import torch
+from conftest import compose_cfg
 
 from models.minigpt import GPTConfig, MiniGPT
-from optim.builder import build_optimizer, param_groups
-from optim.schedules import build_scheduler, lr_factor
-from trainer.config import OptimizerConfig, ScheduleConfig
+from optim.builder import BuildContext, build_optimizer, load_all, param_groups
+from optim.combined import CombinedOptimizer
+from trainer.config import to_typed
+from trainer.errors import ConfigError
+
+CPU = BuildContext(torch.device("cpu"), global_batch=32, tokens_per_step=32 * 128, warmup_steps=7)
 
 
 def model() -> MiniGPT:
+    torch.manual_seed(0)
     return MiniGPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+
+
+def build(*overrides: str, ctx: BuildContext = CPU):
+    cfg = to_typed(compose_cfg(list(overrides))).optimizer
+    return build_optimizer(model(), cfg, ctx), cfg
 
 
 def test_decay_groups_split_matrices_from_biases_and_norms():
@@ -28,53 +39,122 @@ def test_decay_groups_split_matrices_from_biases_and_norms():
     assert any(p is m.ln_f.weight for p in no_decay["params"])
 
 
-@pytest.mark.parametrize("impl, flag", [("auto", "fused"), ("fused", "fused"), ("foreach", "foreach")])
-def test_adamw_is_torch_adamw_with_configured_hyperparameters(impl, flag):
-    cfg = OptimizerConfig(lr=3e-4, weight_decay=0.05, betas=[0.8, 0.99], eps=1e-6, impl=impl)
-    opt = build_optimizer(model(), cfg, torch.device("cpu"))
-    assert type(opt) is torch.optim.AdamW
+TORCH_BACKED = {
+    # name: (class, overrides, expected group values)
+    "sgd": (torch.optim.SGD, ["optimizer.lr=0.3"], {"lr": 0.3, "momentum": 0.0, "nesterov": False}),
+    "momentum": (torch.optim.SGD, ["optimizer.momentum=0.8"], {"lr": 0.05, "momentum": 0.8, "nesterov": False}),
+    "nesterov": (torch.optim.SGD, [], {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
+    "adagrad": (torch.optim.Adagrad, ["optimizer.eps=1e-9"], {"lr": 1e-2, "eps": 1e-9, "lr_decay": 0.0}),
+    "rmsprop": (torch.optim.RMSprop, ["optimizer.alpha=0.9"], {"lr": 1e-3, "alpha": 0.9, "eps": 1e-8}),
+    "adam": (torch.optim.Adam, ["optimizer.betas=[0.8,0.99]"], {"lr": 1e-3, "betas": (0.8, 0.99), "fused": True}),
+    "adamw": (
+        torch.optim.AdamW,
+        ["optimizer.lr=3e-4", "optimizer.eps=1e-6"],
+        {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.1, "fused": True},
+    ),  # fmt: skip
+    "adafactor": (
+        torch.optim.Adafactor,
+        ["optimizer.beta2_decay=-0.5"],
+        {"lr": 1e-2, "beta2_decay": -0.5, "eps": (None, 1e-3), "d": 1.0},
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", list(TORCH_BACKED))
+def test_torch_backed_option_builds_that_class(name):
+    cls, overrides, expected = TORCH_BACKED[name]
+    opt, cfg = build(f"optimizer={name}", *overrides)
+    assert type(opt) is cls
+    decay_group = opt.param_groups[0]
+    for key, value in expected.items():
+        assert decay_group[key] == value, key
+    assert decay_group["weight_decay"] == cfg.weight_decay and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_adamw_impl_choices():
+    assert build("optimizer.impl=foreach")[0].param_groups[0]["foreach"] is True
+    assert build("optimizer.impl=for_loop")[0].param_groups[0]["foreach"] is False
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_rest():
+    opt, cfg = build("optimizer=muon", "optimizer.lr=0.03", "optimizer.adamw_lr=2e-3")
+    assert isinstance(opt, CombinedOptimizer)
+    muon, adamw = opt.optimizers
+    assert type(muon) is torch.optim.Muon and type(adamw) is torch.optim.AdamW
+    hidden = [p for g in muon.param_groups for p in g["params"]]
+    assert hidden and all(p.dim() == 2 for p in hidden)
+    m = model()
+    n_hidden = sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and n.startswith("h."))
+    assert sum(p.numel() for p in hidden) == n_hidden  # every block matrix, no embedding
+    rest = [p for g in adamw.param_groups for p in g["params"]]
+    assert sum(p.numel() for p in hidden + rest) == m.num_params()
+    assert muon.param_groups[0]["lr"] == 0.03 and muon.param_groups[0]["momentum"] == 0.95
+    assert adamw.param_groups[0]["lr"] == 2e-3
+    assert [g["lr"] for g in opt.param_groups] == [0.03, 2e-3, 2e-3]  # one list the scheduler drives
+
+
+def test_muon_combined_state_round_trips():
+    opt, _ = build("optimizer=muon")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state = opt.state_dict()
+    again, _ = build("optimizer=muon")
+    again.load_state_dict(state)
+    assert len(again.optimizers[0].state) == len(opt.optimizers[0].state) > 0
+
+
+def test_schedulefree_is_the_package_class_in_train_mode():
+    from schedulefree import AdamWScheduleFree
+
+    opt, _ = build("optimizer=schedulefree_adamw", "optimizer.lr=2e-3")
+    assert type(opt) is AdamWScheduleFree
     g = opt.param_groups[0]
-    assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (3e-4, (0.8, 0.99), 1e-6, 0.05)
-    assert opt.param_groups[1]["weight_decay"] == 0.0
-    assert g[flag] is True
+    assert (g["lr"], g["warmup_steps"], g["train_mode"]) == (2e-3, CPU.warmup_steps, True)
 
 
-def factors(name: str, max_steps: int = 100, **kw) -> list[float]:
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = build_scheduler(opt, ScheduleConfig(name=name, **kw), max_steps)
-    return [lr_factor(sched, s) for s in range(max_steps + 1)]
+def test_linear_lr_scaling_with_the_global_batch(caplog):
+    caplog.set_level(logging.INFO)
+    big = BuildContext(torch.device("cpu"), global_batch=128)
+    opt, _ = build("optimizer.scale_lr=true", "optimizer.reference_batch=32", ctx=big)
+    assert opt.param_groups[0]["lr"] == pytest.approx(4e-3)
+    assert "lr scaling" in caplog.text
+    unscaled, _ = build(ctx=big)
+    assert unscaled.param_groups[0]["lr"] == 1e-3
 
 
-def test_constant_warms_up_then_holds():
-    f = factors("constant", warmup_steps=10)
-    assert f[0] == 0.0 and f[5] == pytest.approx(0.5) and f[10] == 1.0 and f[100] == 1.0
+def test_every_registered_optimizer_has_a_yaml():
+    from conftest import REPO
+
+    yamls = {p.stem for p in (REPO / "configs" / "optimizer").glob("*.yaml")}
+    assert set(load_all()) == yamls
 
 
-def test_cosine_boundaries():
-    f = factors("cosine", warmup_steps=10, min_lr_ratio=0.1)
-    assert f[0] == 0.0 and f[5] == pytest.approx(0.5)
-    assert f[10] == pytest.approx(1.0)  # peak right after warmup
-    assert f[55] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
-    assert f[100] == pytest.approx(0.1)  # floor at max_steps
-    assert all(f[i] >= f[i + 1] for i in range(10, 100))
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optimizer.lr=0"], "optimizer.lr"),
+        (["optimizer.lr=-1"], "optimizer.lr"),
+        (["optimizer.eps=-1e-8"], "optimizer.eps"),
+        (["optimizer.betas=[0.9,1.0]"], "optimizer.betas"),
+        (["optimizer.weight_decay=-0.1"], "weight_decay"),
+        (["optimizer=momentum", "optimizer.momentum=1.0"], "optimizer.momentum"),
+        (["optimizer=rmsprop", "optimizer.alpha=1.5"], "optimizer.alpha"),
+        (["optimizer=muon", "optimizer.ns_steps=0"], "ns_steps"),
+        (["optimizer=muon", "optimizer.adamw_betas=[1.0,0.9]"], "adamw_betas"),
+        (["optimizer.lookahead.k=0"], "lookahead.k"),
+        (["optimizer.lookahead.k=5", "optimizer.lookahead.alpha=1.5"], "lookahead.alpha"),
+        (["optimizer.scale_lr=true", "optimizer.reference_batch=0"], "reference_batch"),
+        (["optimizer.name=sgd"], "optimizer=sgd"),
+    ],
+)
+def test_invalid_hyperparameters_fail_with_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        to_typed(compose_cfg(overrides))
+    assert "\n" not in str(info.value)
 
 
-def test_wsd_boundaries():
-    f = factors("wsd", warmup_steps=10, min_lr_ratio=0.0, decay_fraction=0.2, decay_type="linear")
-    assert f[0] == 0.0 and f[10] == 1.0
-    assert f[79] == 1.0  # stable stage: steps 10..79
-    assert f[80] == 1.0 and f[90] == pytest.approx(0.5) and f[100] == 0.0  # linear decay over the last 20
-    g = factors("wsd", warmup_steps=0, min_lr_ratio=0.1, decay_fraction=0.5, decay_type="cosine")
-    assert g[50] == 1.0 and g[75] == pytest.approx(0.1 + 0.9 * 0.5) and g[100] == pytest.approx(0.1)
-
-
-def test_scheduler_drives_the_optimizer_lr():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
-    sched = build_scheduler(opt, ScheduleConfig(name="cosine", warmup_steps=4, min_lr_ratio=0.0), 20)
-    seen = []
-    for _ in range(20):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert seen[:5] == pytest.approx([0.0, 0.125, 0.25, 0.375, 0.5])
-    assert seen[12] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 8 / 16)))
+def test_unknown_optimizer_key_is_rejected():
+    with pytest.raises(Exception, match="momentum"):
+        compose_cfg(["optimizer=adamw", "optimizer.momentum=0.9"])  # AdamW has no momentum field

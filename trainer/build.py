@@ -4,6 +4,7 @@ state of a checkpoint when resuming. All bad input is found here, before the fir
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,13 +12,13 @@ import numpy as np
 import torch
 
 from models.minigpt import GPTConfig, MiniGPT
-from optim.builder import build_optimizer
-from optim.schedules import build_scheduler
+from optim.builder import BuildContext, build_hook, build_optimizer, load_all
+from optim.schedules import build_scheduler, constant_scheduler
 from trainer import checkpoint as ckpt_io
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import RandomWindows, build_tokenizer, check_split_sizes, find_corpus, prepare_tokens
 from trainer.errors import ConfigError
-from trainer.runtime import check_precision, grad_scaler, pick_device, seed_everything, set_rng_state
+from trainer.runtime import autocast, check_precision, grad_scaler, pick_device, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class Run:
     step_model: torch.nn.Module  # what the loop calls (compiled when trainer.compile)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    optimizer_hook: Callable[[int], None] | None  # called after each step (e.g. Sophia's Hessian refresh)
     scaler: torch.amp.GradScaler
     train_windows: RandomWindows
     val_tokens: np.ndarray
@@ -78,14 +80,28 @@ def setup_run(cfg: TrainConfig, run_dir: Path) -> Run:
         ckpt_io.check_compatible(state, asdict(gpt_config), tokenizer.identity, ckpt)
 
     model = MiniGPT(gpt_config).to(device)
-    optimizer = build_optimizer(model, cfg.optimizer, device)
-    scheduler = build_scheduler(optimizer, cfg.schedule, t.max_steps)
+    global_batch = t.micro_batch_size * t.grad_accum_steps
+    ctx = BuildContext(device, global_batch, global_batch * seq_len, cfg.schedule.warmup_steps)
+    try:
+        optimizer = build_optimizer(model, cfg.optimizer, ctx)
+    except ValueError as e:  # a hyperparameter the optimizer's own constructor rejects
+        raise ConfigError(f"optimizer={cfg.optimizer.name}: {e}") from None
+    if load_all()[cfg.optimizer.name].needs_constant_schedule:
+        if cfg.schedule.name != "constant":
+            log.warning("optimizer=%s schedules itself: schedule=%s is ignored (its warmup_steps=%d apply)",
+                        cfg.optimizer.name, cfg.schedule.name, cfg.schedule.warmup_steps)  # fmt: skip
+        scheduler = constant_scheduler(optimizer)  # the optimizer schedules (and warms up) itself
+    else:
+        scheduler = build_scheduler(optimizer, cfg.schedule, t.max_steps)
     scaler = grad_scaler(t.precision, device)
     windows = RandomWindows(splits.train, seq_len, t.micro_batch_size, seed=t.seed, device=device)
+    hook = build_hook(model, optimizer, cfg.optimizer, windows.next_batch, autocast(t.precision, device))
     start_step, loss_window = 0, (0.0, 0)
     if state is not None:
         ckpt_io.load_weights(model, ckpt)
         optimizer.load_state_dict(state["optimizer"])
+        if callable(getattr(optimizer, "train", None)):
+            optimizer.train()  # schedule-free: checkpoints hold the eval-mode average; back to training
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         windows.load_state_dict(state["sampler"])
@@ -106,6 +122,6 @@ def setup_run(cfg: TrainConfig, run_dir: Path) -> Run:
     )  # fmt: skip
     return Run(
         cfg=cfg, run_dir=run_dir, device=device, model=model, step_model=step_model, optimizer=optimizer,
-        scheduler=scheduler, scaler=scaler, train_windows=windows, val_tokens=splits.val, tokenizer=tokenizer,
-        seq_len=seq_len, start_step=start_step, resumed_from=ckpt, loss_window=loss_window,
+        scheduler=scheduler, optimizer_hook=hook, scaler=scaler, train_windows=windows, val_tokens=splits.val,
+        tokenizer=tokenizer, seq_len=seq_len, start_step=start_step, resumed_from=ckpt, loss_window=loss_window,
     )  # fmt: skip

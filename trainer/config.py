@@ -15,6 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from optim.builder import OptimizerConfig, load_all, optimizer_errors
 from trainer.errors import ConfigError
 
 
@@ -69,22 +70,15 @@ class TokenizerConfig:
 
 
 @dataclass
-class OptimizerConfig:
-    name: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    impl: str = "auto"  # auto | fused | foreach | for_loop
-
-
-@dataclass
 class ScheduleConfig:
-    name: str = "cosine"  # constant | cosine | wsd
+    name: str = "cosine"  # constant | linear | cosine | wsd | step | exponential | inverse_sqrt
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # the lr floor, as a fraction of optimizer.lr
     decay_fraction: float = 0.2  # wsd: the share of max_steps spent decaying
     decay_type: str = "linear"  # wsd: linear | cosine | 1-sqrt
+    step_size: int = 1000  # step: steps between decays
+    gamma: float = 0.5  # step: the factor applied at each decay
+    timescale: int | None = None  # inverse_sqrt: lr = peak * sqrt(timescale / (step + timescale - warmup))
 
 
 @dataclass
@@ -141,7 +135,6 @@ GROUP_SCHEMAS = {
     "model": ModelConfig,
     "data": DataConfig,
     "tokenizer": TokenizerConfig,
-    "optimizer": OptimizerConfig,
     "schedule": ScheduleConfig,
     "trainer": TrainerConfig,
     "logger": LoggerConfig,
@@ -154,6 +147,8 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(name=f"{group}_schema", node=schema)  # not a group, so --help does not list it
+    for name, spec in load_all().items():  # each optimizer has its own schema (optim/)
+        cs.store(name=f"optimizer_{name}_schema", node=spec.config)
 
 
 def to_typed(cfg: DictConfig | Any) -> TrainConfig:
@@ -166,9 +161,7 @@ def to_typed(cfg: DictConfig | Any) -> TrainConfig:
 CHOICES = {
     "data.kind": ("stdlib", "text"),
     "tokenizer.kind": ("byte", "char", "bpe", "hf"),
-    "optimizer.name": ("adamw",),
-    "optimizer.impl": ("auto", "fused", "foreach", "for_loop"),
-    "schedule.name": ("constant", "cosine", "wsd"),
+    "schedule.name": ("constant", "linear", "cosine", "wsd", "step", "exponential", "inverse_sqrt"),
     "schedule.decay_type": ("linear", "cosine", "1-sqrt"),
     "model.pos_emb": ("learned", "rope"),
 }
@@ -220,20 +213,26 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("tokenizer=hf needs tokenizer.name=HUB_ID or a local directory")
     if cfg.tokenizer.kind == "bpe" and not 257 <= cfg.tokenizer.vocab_size <= 2**20:
         raise ConfigError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} must be in [257, 1048576] for bpe")
-    if not o.lr > 0:
-        raise ConfigError(f"optimizer.lr={o.lr} must be > 0")
-    if o.weight_decay < 0:
-        raise ConfigError(f"optimizer.weight_decay={o.weight_decay} must be >= 0")
-    if not o.eps > 0:
-        raise ConfigError(f"optimizer.eps={o.eps} must be > 0")
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        raise ConfigError(f"optimizer.betas={list(o.betas)} must be two numbers in [0, 1), e.g. [0.9,0.95]")
+    problem = optimizer_errors(o)
+    if problem:
+        raise ConfigError(problem)
+    spec = load_all()[o.name]
+    if type(o) is not spec.config:
+        raise ConfigError(
+            f"optimizer.name={o.name} does not match the optimizer group: select it with optimizer={o.name}"
+        )
     if s.warmup_steps < 0:
         raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be >= 0")
     if not 0.0 <= s.min_lr_ratio <= 1.0:
         raise ConfigError(f"schedule.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
     if not 0.0 <= s.decay_fraction <= 1.0:
         raise ConfigError(f"schedule.decay_fraction={s.decay_fraction} must be in [0, 1]")
+    if s.step_size < 1 or not 0.0 < s.gamma <= 1.0:
+        raise ConfigError(f"schedule.step_size={s.step_size} must be >= 1 and schedule.gamma={s.gamma} in (0, 1]")
+    if s.timescale is not None and s.timescale < 1:
+        raise ConfigError(f"schedule.timescale={s.timescale} must be >= 1 (or null)")
+    if s.name == "exponential" and s.min_lr_ratio <= 0:
+        raise ConfigError("schedule=exponential decays to schedule.min_lr_ratio, which must be > 0")
     if t.grad_clip < 0 or t.grad_clip_value < 0:
         raise ConfigError("trainer.grad_clip and trainer.grad_clip_value must be >= 0 (0 turns them off)")
     if t.sample_tokens < 0 or t.sample_temperature < 0 or t.sample_top_k < 0:

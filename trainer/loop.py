@@ -6,6 +6,7 @@ gradient norm stay on the device.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -69,6 +70,19 @@ def train_step(
     return total / n_micro, norm
 
 
+@contextlib.contextmanager
+def optimizer_eval_mode(optimizer: torch.optim.Optimizer):
+    """Schedule-free optimizers evaluate and checkpoint at their averaged iterate: switch them to it."""
+    switch = callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
+    if switch:
+        optimizer.eval()
+    try:
+        yield
+    finally:
+        if switch:
+            optimizer.train()
+
+
 @torch.no_grad()
 def evaluate(run: Run) -> float:
     """Mean loss over trainer.eval_steps fixed validation batches."""
@@ -76,7 +90,7 @@ def evaluate(run: Run) -> float:
     windows = RandomWindows(run.val_tokens, run.seq_len, t.micro_batch_size, VAL_SEED, run.device)
     run.step_model.eval()
     losses = torch.zeros(t.eval_steps, device=run.device)
-    with autocast(t.precision, run.device):
+    with autocast(t.precision, run.device), optimizer_eval_mode(run.optimizer):
         for i in range(t.eval_steps):
             _, losses[i] = run.step_model(*windows.next_batch())
     run.step_model.train()
@@ -84,17 +98,20 @@ def evaluate(run: Run) -> float:
 
 
 def save(run: Run, step: int, loss_window: tuple[float, int]) -> None:
-    state = {
-        "format": 1, "step": step, "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
-        "sampler": run.train_windows.state_dict(), "rng": rng_state(run.device),
-        "loss_window": list(loss_window), "model_config": vars(run.model.config).copy(),
-        "tokenizer": run.tokenizer.identity,
-    }  # fmt: skip
-    path = ckpt_io.save_checkpoint(
-        run.run_dir / "checkpoints", step, run.model, state, OmegaConf.to_yaml(run.cfg), run.tokenizer,
-        run.cfg.trainer.keep_checkpoints,
-    )  # fmt: skip
+    # Inside eval mode, a schedule-free optimizer saves the averaged weights x and records eval mode
+    # in its state, so that `optimizer.train()` after loading restores the training iterate exactly.
+    with optimizer_eval_mode(run.optimizer):
+        state = {
+            "format": 1, "step": step, "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+            "sampler": run.train_windows.state_dict(), "rng": rng_state(run.device),
+            "loss_window": list(loss_window), "model_config": vars(run.model.config).copy(),
+            "tokenizer": run.tokenizer.identity,
+        }  # fmt: skip
+        path = ckpt_io.save_checkpoint(
+            run.run_dir / "checkpoints", step, run.model, state, OmegaConf.to_yaml(run.cfg), run.tokenizer,
+            run.cfg.trainer.keep_checkpoints,
+        )  # fmt: skip
     log.info("step %d: checkpoint %s", step, path)
 
 
@@ -123,6 +140,8 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
             )  # fmt: skip
             run.scheduler.step()
             step, timed_steps, loss_count = step + 1, timed_steps + 1, loss_count + 1
+            if run.optimizer_hook is not None:
+                run.optimizer_hook(step)
             loss_sum += loss
             bar.update(1)
             last = step == t.max_steps

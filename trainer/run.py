@@ -35,7 +35,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         fail(str(e).splitlines()[0])
     # Heavy imports after validation, so bad input is reported at once.
     from trainer.build import setup_run
-    from trainer.loop import fit, generate_text
+    from trainer.loop import fit, generate_text, optimizer_eval_mode
     from trainer.metrics import MetricsLogger
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -60,9 +60,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             sys.exit(128 + result.interrupted_by)  # `finally` closes the metrics
         t = typed.trainer
         if t.sample_tokens > 0:
-            text = generate_text(
-                r.model, r.tokenizer, t.sample_prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k, t.seed
-            )
+            with optimizer_eval_mode(r.optimizer):  # schedule-free: sample at the averaged weights
+                text = generate_text(
+                    r.model, r.tokenizer, t.sample_prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k, t.seed
+                )
             (run_dir / "sample.txt").write_text(text)
             log.info("sample (sample.txt):\n%s", text)
         if result.val_loss is not None:
