@@ -1,0 +1,58 @@
+"""Optimizer-state bytes per parameter for every optimizer, measured after a real step, beside theory.
+
+    python scripts/memory_report.py                     # model=nano
+    python scripts/memory_report.py model=gpt2          # GPT-2 small (takes a minute on CPU)
+    python scripts/memory_report.py --optimizers adamw,lion,adamw8bit
+
+Positional arguments are Hydra overrides as for train.py (only the model group matters). Prints one
+JSON line per optimizer, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from models.minigpt import MiniGPT  # noqa: E402
+from optim.builder import load_all  # noqa: E402
+from optim.memory import state_report  # noqa: E402
+from trainer.build import model_config  # noqa: E402
+from trainer.cli import CONFIG_DIR  # noqa: E402
+from trainer.config import register_configs, to_typed  # noqa: E402
+
+VARIANTS = {"adamw+lookahead": ("adamw", ["optimizer.lookahead.k=5"])}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--optimizers", default="", help="comma-separated names (default: all)")
+    parser.add_argument("--vocab", type=int, default=256, help="vocabulary size when model.vocab_size is null")
+    args = parser.parse_args(argv)
+    register_configs()
+    names = args.optimizers.split(",") if args.optimizers else [*sorted(load_all()), *VARIANTS]
+    rows = []
+    for name in names:
+        base, extra = VARIANTS.get(name, (name, []))
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = to_typed(compose("train", overrides=[*args.overrides, f"optimizer={base}", *extra]))
+        torch.manual_seed(0)
+        model = MiniGPT(model_config(cfg.model, args.vocab))
+        report = {"optimizer": name, **state_report(model, cfg.optimizer)}
+        print(json.dumps(report), flush=True)
+        rows.append(report)
+    print(f"\n{'optimizer':<20} {'measured B/param':>17} {'theory B/param':>15} {'diff':>7}")
+    for r in rows:
+        diff = r["measured_per_param"] / r["theory_per_param"] - 1 if r["theory_per_param"] else 0.0
+        print(f"{r['optimizer']:<20} {r['measured_per_param']:>17.3f} {r['theory_per_param']:>15.3f} {diff:>7.2%}")
+
+
+if __name__ == "__main__":
+    main()
