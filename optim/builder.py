@@ -58,9 +58,19 @@ class OptimizerSpec:
     build: Callable[[nn.Module, Any, BuildContext], torch.optim.Optimizer]
     source: str  # "torch.optim.AdamW", "ours (optim/lion.py)", ...
     state_bytes: Callable[[nn.Module, Any], float]  # theoretical optimizer-state bytes for this model
-    # Optional per-step hook factory: (model, optimizer, cfg, next_batch, autocast) -> hook(step)
+    # Optional per-step hook factory: (model, optimizer, cfg, HookContext) -> hook(step)
     hook: Callable | None = None
     needs_constant_schedule: bool = False  # the optimizer replaces the lr schedule
+
+
+@dataclass
+class HookContext:
+    """What an optimizer's per-step hook may use: fresh training batches and the loop's settings."""
+
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    autocast: Any  # the forward pass's autocast context
+    n_micro: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 0.0
 
 
 REGISTRY: dict[str, OptimizerSpec] = {}
@@ -179,10 +189,10 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, ctx: BuildContext) -
     return optimizer
 
 
-def build_hook(model, optimizer, cfg: OptimizerConfig, next_batch, autocast) -> Callable[[int], None] | None:
-    """The optimizer's per-step hook (e.g. Sophia's Hessian refresh), or None."""
+def build_hook(model, optimizer, cfg: OptimizerConfig, ctx: HookContext) -> Callable[[int], None] | None:
+    """The optimizer's per-step hook (e.g. Sophia's Hessian refresh), called after every step, or None."""
     spec = load_all()[cfg.name]
-    return spec.hook(model, optimizer, cfg, next_batch, autocast) if spec.hook else None
+    return spec.hook(model, optimizer, cfg, ctx) if spec.hook else None
 
 
 def state_bytes_theory(model: nn.Module, cfg: OptimizerConfig) -> float:

@@ -7,6 +7,7 @@ from torch import nn
 
 from optim.builder import (
     BuildContext,
+    HookContext,
     OptimizerConfig,
     build_hook,
     build_optimizer,
@@ -32,7 +33,7 @@ def state_report(model: nn.Module, cfg: OptimizerConfig, seq_len: int = 32, batc
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    hook = build_hook(model, optimizer, cfg, next_batch, torch.autocast(device.type, enabled=False))
+    hook = build_hook(model, optimizer, cfg, HookContext(next_batch, torch.autocast(device.type, enabled=False)))
     if hook is not None:
         for step in range(1, 1 + getattr(cfg, "hessian_interval", 1)):
             hook(step)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from models.minigpt import GPTConfig, MiniGPT
-from optim.builder import BuildContext, build_hook, build_optimizer, load_all
+from optim.builder import BuildContext, HookContext, build_hook, build_optimizer, load_all
 from optim.schedules import build_scheduler, constant_scheduler
 from trainer import checkpoint as ckpt_io
 from trainer.config import ModelConfig, TrainConfig
@@ -95,7 +95,8 @@ def setup_run(cfg: TrainConfig, run_dir: Path) -> Run:
         scheduler = build_scheduler(optimizer, cfg.schedule, t.max_steps)
     scaler = grad_scaler(t.precision, device)
     windows = RandomWindows(splits.train, seq_len, t.micro_batch_size, seed=t.seed, device=device)
-    hook = build_hook(model, optimizer, cfg.optimizer, windows.next_batch, autocast(t.precision, device))
+    hook_ctx = HookContext(windows.next_batch, autocast(t.precision, device), t.grad_accum_steps, t.grad_clip)
+    hook = build_hook(model, optimizer, cfg.optimizer, hook_ctx)
     start_step, loss_window = 0, (0.0, 0)
     if state is not None:
         ckpt_io.load_weights(model, ckpt)

@@ -1,0 +1,146 @@
+"""Time `optimizer.step()` for every optimizer in the zoo on GPT-2-small-sized parameters.
+
+    python scripts/bench_optimizers.py                       # model=gpt2 shapes, every optimizer
+    python scripts/bench_optimizers.py --optimizers lion,lamb --steps 10
+    python scripts/bench_optimizers.py --model nano           # quick
+
+Each optimizer is built from its YAML defaults and stepped on the same fixed random gradients. Prints
+one JSON line per optimizer: ms per step and the ratio to torch's fastest AdamW (fused or foreach,
+measured in the same run). Hand-written optimizers are also timed beside their reference package
+(`ref_ms`, `vs_ref`). Sophia's figure is amortised: step() plus update_hessian() every k steps; the extra
+forward/backward of its Hessian estimator is model cost and is not included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from models.minigpt import MiniGPT  # noqa: E402
+from optim.builder import BuildContext, build_optimizer, load_all, param_groups  # noqa: E402
+from trainer.build import model_config  # noqa: E402
+from trainer.cli import CONFIG_DIR  # noqa: E402
+from trainer.config import register_configs, to_typed  # noqa: E402
+
+VARIANTS = {"adamw+lookahead": ("adamw", ["optimizer.lookahead.k=5"])}
+
+
+def references() -> dict[str, Callable]:
+    """Reference implementations to time ours against: name -> (groups, cfg) -> optimizer."""
+    refs: dict[str, Callable] = {}
+    try:
+        from lion_pytorch import Lion
+
+        refs["lion"] = lambda groups, c: Lion(groups, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
+    except ImportError:
+        pass
+    try:
+        import pytorch_optimizer as po
+
+        refs["lamb"] = lambda groups, c: po.Lamb(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps,
+                                                 weight_decay=c.weight_decay)  # fmt: skip
+        refs["adabelief"] = lambda groups, c: po.AdaBelief(
+            groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay, weight_decouple=True,
+            fixed_decay=False, rectify=False,
+        )  # fmt: skip
+        refs["adamw+lookahead"] = lambda groups, c: po.Lookahead(
+            torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, fused=True), k=5, alpha=0.5
+        )
+    except ImportError:
+        pass
+    try:
+        import bitsandbytes as bnb
+
+        refs["adamw8bit"] = lambda groups, c: bnb.optim.AdamW8bit(
+            groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay
+        )
+    except ImportError:
+        pass
+    return refs
+
+
+def time_steps(optimizer: torch.optim.Optimizer, steps: int, warmup: int, extra: Callable | None = None) -> float:
+    for _ in range(warmup):
+        optimizer.step()
+    start = time.perf_counter()
+    for i in range(steps):
+        optimizer.step()
+        if extra is not None:
+            extra(i)
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gpt2", help="model group option (nano, gpt2, gpt2-medium)")
+    parser.add_argument("--optimizers", default="", help="comma-separated names (default: all)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-references", action="store_true")
+    args = parser.parse_args(argv)
+    register_configs()
+    names = args.optimizers.split(",") if args.optimizers else [*sorted(load_all()), *VARIANTS]
+    refs = {} if args.no_references else references()
+
+    def config(name: str, extra: list[str] = ()):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return to_typed(compose("train", overrides=[f"model={args.model}", f"optimizer={name}", *extra]))
+
+    base = config("adamw")
+    torch.manual_seed(0)
+    model = MiniGPT(model_config(base.model, 50257 if args.model.startswith("gpt2") else 256))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    n = model.num_params()
+    ctx = BuildContext(torch.device("cpu"), global_batch=8, tokens_per_step=8 * base.model.block_size)
+
+    baseline = {}
+    for impl in ("fused", "foreach"):
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, **{impl: True})
+        baseline[impl] = time_steps(opt, args.steps, args.warmup)
+        del opt
+        gc.collect()
+    fastest = min(baseline.values())
+    print(json.dumps({"baseline": "torch.optim.AdamW", "params": n, "threads": torch.get_num_threads(),
+                      **{f"{k}_ms": round(v, 2) for k, v in baseline.items()}}), flush=True)  # fmt: skip
+
+    for name in names:
+        opt_name, extra = VARIANTS.get(name, (name, []))
+        cfg = config(opt_name, extra).optimizer
+        saved = [p.detach().clone() for p in model.parameters()]
+        opt = build_optimizer(model, cfg, ctx)
+        hook = None
+        if hasattr(opt, "update_hessian"):
+            k = getattr(cfg, "hessian_interval", 10)
+            hook = lambda i, o=opt, k=k: o.update_hessian() if i % k == 0 else None  # noqa: E731
+        ms = time_steps(opt, args.steps, args.warmup, hook)
+        result = {"optimizer": name, "ms_per_step": round(ms, 2), "vs_fastest_adamw": round(ms / fastest, 3)}
+        del opt
+        gc.collect()
+        if name in refs:
+            with torch.no_grad():
+                for p, s in zip(model.parameters(), saved, strict=True):
+                    p.copy_(s)
+            ref = refs[name](param_groups(model, cfg.weight_decay), cfg)
+            ref_ms = time_steps(ref, args.steps, args.warmup)
+            result.update({"ref_ms": round(ref_ms, 2), "vs_ref": round(ms / ref_ms, 3)})
+            del ref
+            gc.collect()
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), saved, strict=True):
+                p.copy_(s)
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
