@@ -80,6 +80,8 @@ BAD_INPUT = {
     "grad_accum_steps < 1": (["trainer.grad_accum_steps=0"], "grad_accum_steps"),
     "block_size larger than the model allows": (["data.seq_len=4096"], "model.block_size"),
     "missing data path": (["data=text", "data.path=/no/such/file.txt"], "does not exist"),
+    "lookahead k < 1": (["optimizer=lamb", "optimizer.lookahead.k=0"], "optimizer.lookahead.k"),
+    "field the optimizer lacks": (["optimizer=lion", "optimizer.eps=1e-8"], "eps"),
 }
 
 

@@ -158,3 +158,40 @@ def test_invalid_hyperparameters_fail_with_one_line(overrides, message):
 def test_unknown_optimizer_key_is_rejected():
     with pytest.raises(Exception, match="momentum"):
         compose_cfg(["optimizer=adamw", "optimizer.momentum=0.9"])  # AdamW has no momentum field
+
+
+def test_schedulefree_switches_to_its_average_for_eval_and_back():
+    from trainer.loop import optimizer_eval_mode
+
+    m = model()
+    cfg = to_typed(compose_cfg(["optimizer=schedulefree_adamw"])).optimizer
+    opt = build_optimizer(m, cfg, CPU)
+    x = torch.randint(0, 64, (2, 16))
+    for _ in range(3):
+        m(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    training = [p.detach().clone() for p in m.parameters()]
+    with optimizer_eval_mode(opt):
+        assert opt.param_groups[0]["train_mode"] is False
+        assert any(not torch.equal(p, q) for p, q in zip(m.parameters(), training, strict=True))  # x, not y
+    assert opt.param_groups[0]["train_mode"] is True
+    for p, q in zip(m.parameters(), training, strict=True):
+        torch.testing.assert_close(p, q)  # back at the training iterate
+
+
+def test_sophia_hook_refreshes_the_hessian_every_k_steps():
+    from optim.builder import HookContext, build_hook
+
+    m = model()
+    cfg = to_typed(compose_cfg(["optimizer=sophia", "optimizer.hessian_interval=2"])).optimizer
+    opt = build_optimizer(m, cfg, CPU)
+    calls = []
+    batch = lambda: (calls.append(1), (torch.randint(0, 64, (2, 16)),) * 2)[1]  # noqa: E731
+    hook = build_hook(m, opt, cfg, HookContext(batch, torch.autocast("cpu", enabled=False), n_micro=3))
+    hook(1)
+    assert not calls
+    hook(2)
+    assert len(calls) == 3  # a whole batch of fresh micro-batches
+    hessians = [opt.state[p]["hessian"] for p in m.parameters()]
+    assert all(h.sum() > 0 for h in hessians) and all(p.grad is None for p in m.parameters())
