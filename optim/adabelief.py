@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
+from optim._foreach import CheckedOptimizer
 from optim.builder import BuildContext, OptimizerConfig, param_groups, per_param, register
 
 
-class AdaBelief(Optimizer):
+class AdaBelief(CheckedOptimizer):
     """AdaBelief (Zhuang et al. 2020). See the module docstring for the update and its reference."""
 
     def __init__(
@@ -54,12 +54,7 @@ class AdaBelief(Optimizer):
         eps: float = 1e-16,
         weight_decay: float = 0.0,
     ):
-        _check_hparams(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _check_hparams(**{k: param_group[k] for k in ("lr", "betas", "eps", "weight_decay") if k in param_group})
-        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -70,11 +65,7 @@ class AdaBelief(Optimizer):
 
         for group in self.param_groups:
             params, steps = [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdaBelief does not support sparse gradients.")
+            for p in self.params_with_grad(group):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
@@ -135,19 +126,6 @@ def _adabelief_foreach(
     torch._foreach_sqrt_(tmp)
     torch._foreach_add_(tmp, eps * bias_correction2_sqrt)
     torch._foreach_addcdiv_(params, exp_avgs, tmp, value=-lr * bias_correction2_sqrt / bias_correction1)
-
-
-def _check_hparams(**hp: Any) -> None:
-    if "lr" in hp and not hp["lr"] >= 0.0:
-        raise ValueError(f"Invalid learning rate {hp['lr']!r}: it must be >= 0.")
-    if "eps" in hp and not hp["eps"] >= 0.0:
-        raise ValueError(f"Invalid eps {hp['eps']!r}: it must be >= 0.")
-    if "weight_decay" in hp and not hp["weight_decay"] >= 0.0:
-        raise ValueError(f"Invalid weight_decay {hp['weight_decay']!r}: it must be >= 0.")
-    if "betas" in hp:
-        betas = hp["betas"]
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"Invalid betas {betas!r}: they must be two numbers in [0, 1).")
 
 
 # ---- registration in the trainer's optimizer zoo ---------------------------------------------------

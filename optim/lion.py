@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
+from optim._foreach import CheckedOptimizer
 from optim.builder import BuildContext, OptimizerConfig, param_groups, per_param, register
 
 
-class Lion(Optimizer):
+class Lion(CheckedOptimizer):
     """Lion (Chen et al. 2023). See the module docstring for the update and its reference."""
 
     def __init__(
@@ -50,12 +50,7 @@ class Lion(Optimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
     ):
-        _check_hparams(lr=lr, betas=betas, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _check_hparams(**{k: param_group[k] for k in ("lr", "betas", "weight_decay") if k in param_group})
-        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -66,11 +61,7 @@ class Lion(Optimizer):
 
         for group in self.param_groups:
             buckets: dict[tuple[torch.device, torch.dtype], tuple[list, list, list]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Lion does not support sparse gradients.")
+            for p in self.params_with_grad(group):
                 state = self.state[p]
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -103,17 +94,6 @@ def _lion_foreach(
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_add_(params, update, alpha=-lr)
-
-
-def _check_hparams(**hp: Any) -> None:
-    if "lr" in hp and not hp["lr"] >= 0.0:
-        raise ValueError(f"Invalid learning rate {hp['lr']!r}: it must be >= 0.")
-    if "weight_decay" in hp and not hp["weight_decay"] >= 0.0:
-        raise ValueError(f"Invalid weight_decay {hp['weight_decay']!r}: it must be >= 0.")
-    if "betas" in hp:
-        betas = hp["betas"]
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"Invalid betas {betas!r}: they must be two numbers in [0, 1).")
 
 
 # ---- registration in the trainer's optimizer zoo ---------------------------------------------------

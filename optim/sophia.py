@@ -54,12 +54,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
 
+from optim._foreach import CheckedOptimizer
 from optim.builder import BuildContext, HookContext, OptimizerConfig, param_groups, per_param, register
 
 _EPS = 1e-15  # the reference's constant in the denominator
 
 
-class SophiaG(Optimizer):
+class SophiaG(CheckedOptimizer):
     """Sophia-G. See the module docstring; call update_hessian() (via gnb_hessian_update) every k steps."""
 
     def __init__(
@@ -97,11 +98,7 @@ class SophiaG(Optimizer):
         for group in self.param_groups:
             _, beta2 = group["betas"]
             params, grads, hessians = [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SophiaG does not support sparse gradients.")
+            for p in self.params_with_grad(group):
                 state = self.state[p]
                 self._init_state(p, state)
                 params.append(p)
@@ -125,11 +122,7 @@ class SophiaG(Optimizer):
             lr, wd = group["lr"], group["weight_decay"]
             scale = group["rho"] * group["bs"]
             params, grads, exp_avgs, hessians, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SophiaG does not support sparse gradients.")
+            for p in self.params_with_grad(group):
                 state = self.state[p]
                 self._init_state(p, state)
                 params.append(p)

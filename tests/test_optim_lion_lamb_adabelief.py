@@ -327,7 +327,7 @@ def test_skips_params_without_grad_and_leaves_grads_untouched(name):
 
 
 BAD = [
-    (dict(lr=-1e-3), "learning rate"),
+    (dict(lr=-1e-3), "lr"),
     (dict(betas=(1.0, 0.99)), "betas"),
     (dict(betas=(0.9, -0.1)), "betas"),
     (dict(betas=(0.9,)), "betas"),

@@ -1,0 +1,39 @@
+"""What the hand-written optimizers share: hyperparameter checks and gathering the parameters a step
+updates. Each optimizer's maths stays in its own file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+
+def check_hparams(**hp: Any) -> None:
+    """ValueError with one sentence for the first invalid lr, eps, weight_decay or betas given."""
+    for key in ("lr", "eps", "weight_decay"):
+        if key in hp and not hp[key] >= 0.0:
+            raise ValueError(f"Invalid {key} {hp[key]!r}: it must be >= 0.")
+    if "betas" in hp:
+        betas = hp["betas"]
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Invalid betas {betas!r}: they must be two numbers in [0, 1).")
+
+
+class CheckedOptimizer(Optimizer):
+    """An Optimizer whose hyperparameters are checked for the defaults and for every added group."""
+
+    def __init__(self, params, defaults: dict[str, Any]):
+        check_hparams(**defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        check_hparams(**{k: v for k, v in param_group.items() if k != "params"})
+        super().add_param_group(param_group)
+
+    def params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
+        """The group's parameters that have a (dense) gradient this step."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for p in params):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+        return params
