@@ -65,9 +65,11 @@ class OptimizerSpec:
 
 @dataclass
 class HookContext:
-    """What an optimizer's per-step hook may use: fresh training batches and the loop's settings."""
+    """What an optimizer's per-step hook may use: the upcoming training batches and the loop's settings."""
 
-    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    # upcoming(n): the next n training micro-batches, without consuming them (so an optimizer's hook
+    # never changes which data the model trains on)
+    upcoming: Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]
     autocast: Any  # the forward pass's autocast context
     n_micro: int = 1  # micro-batches per optimizer step
     grad_clip: float = 0.0

@@ -33,7 +33,8 @@ def state_report(model: nn.Module, cfg: OptimizerConfig, seq_len: int = 32, batc
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    hook = build_hook(model, optimizer, cfg, HookContext(next_batch, torch.autocast(device.type, enabled=False)))
+    upcoming = lambda n: [next_batch() for _ in range(n)]  # noqa: E731
+    hook = build_hook(model, optimizer, cfg, HookContext(upcoming, torch.autocast(device.type, enabled=False)))
     if hook is not None:
         for step in range(1, 1 + getattr(cfg, "hessian_interval", 1)):
             hook(step)

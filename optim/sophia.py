@@ -214,12 +214,13 @@ class SophiaConfig(OptimizerConfig):
 
 
 def _hessian_hook(model: nn.Module, optimizer: Optimizer, cfg: SophiaConfig, ctx: HookContext) -> Callable:
-    """After every k-th step, refresh the Hessian estimate on a whole batch of fresh micro-batches
-    (train_sophiag.py), clipped like the training gradient. `bs` is the tokens of that batch."""
+    """After every k-th step, refresh the Hessian estimate on the micro-batches of the coming step, as
+    train_sophiag.py does, clipped like the training gradient; `bs` is the tokens of that batch. The
+    training data stream is left as it is, so Sophia trains on the same batches as any optimizer."""
 
     def hook(step: int) -> None:
         if step % cfg.hessian_interval == 0:
-            batches = [ctx.next_batch()[0] for _ in range(ctx.n_micro)]
+            batches = [x for x, _ in ctx.upcoming(ctx.n_micro)]
             gnb_hessian_update(model, optimizer, batches, ctx.autocast, grad_clip=ctx.grad_clip)
 
     return hook

@@ -154,6 +154,14 @@ def test_windows_are_shifted_targets_and_resume_exactly(tmp_path):
     assert all(torch.equal(restored.next_batch()[0], e) for e in expected)
 
 
+def test_peek_shows_the_next_batches_without_consuming_them():
+    tokens = np.arange(1000, dtype=np.uint16)
+    windows = RandomWindows(tokens, seq_len=16, batch_size=4, seed=3, device=torch.device("cpu"))
+    peeked = windows.peek(2)
+    for x, _ in peeked:
+        assert torch.equal(windows.next_batch()[0], x)
+
+
 def test_windows_cover_the_whole_array():
     tokens = np.arange(40, dtype=np.uint16)
     windows = RandomWindows(tokens, seq_len=8, batch_size=64, seed=0, device=torch.device("cpu"))

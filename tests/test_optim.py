@@ -187,11 +187,11 @@ def test_sophia_hook_refreshes_the_hessian_every_k_steps():
     cfg = to_typed(compose_cfg(["optimizer=sophia", "optimizer.hessian_interval=2"])).optimizer
     opt = build_optimizer(m, cfg, CPU)
     calls = []
-    batch = lambda: (calls.append(1), (torch.randint(0, 64, (2, 16)),) * 2)[1]  # noqa: E731
-    hook = build_hook(m, opt, cfg, HookContext(batch, torch.autocast("cpu", enabled=False), n_micro=3))
+    upcoming = lambda n: (calls.append(n), [(torch.randint(0, 64, (2, 16)),) * 2] * n)[1]  # noqa: E731
+    hook = build_hook(m, opt, cfg, HookContext(upcoming, torch.autocast("cpu", enabled=False), n_micro=3))
     hook(1)
     assert not calls
     hook(2)
-    assert len(calls) == 3  # a whole batch of fresh micro-batches
+    assert calls == [3]  # the coming step's whole batch
     hessians = [opt.state[p]["hessian"] for p in m.parameters()]
     assert all(h.sum() > 0 for h in hessians) and all(p.grad is None for p in m.parameters())

@@ -57,3 +57,18 @@ def test_resume_is_exact(name, extra, tmp_path, corpus_file):
         for key in ("train/loss", "grad_norm", "lr"):
             assert again[step][key] == record[key], (step, key)
     assert again[12]["val/loss"] == full[12]["val/loss"]
+
+
+def test_sophia_hessian_refresh_leaves_the_data_stream_alone(tmp_path, corpus_file):
+    """Sophia's estimator reads the coming batch without consuming it: same batches as AdamW."""
+    from trainer import checkpoint as ckpt_io
+
+    generators = {}
+    for name in ("adamw", "sophia"):
+        extra = {"optimizer": name, "trainer.max_steps": 9, "trainer.sample_tokens": 0}
+        if name == "sophia":
+            extra["optimizer.hessian_interval"] = 3
+        run(compose_cfg(tiny_overrides(tmp_path, corpus_file, extra)), tmp_path / name)
+        state = ckpt_io.load_state(ckpt_io.list_checkpoints(tmp_path / name / "checkpoints")[-1])
+        generators[name] = state["sampler"]["generator"]
+    assert generators["adamw"].equal(generators["sophia"])

@@ -95,7 +95,7 @@ def setup_run(cfg: TrainConfig, run_dir: Path) -> Run:
         scheduler = build_scheduler(optimizer, cfg.schedule, t.max_steps)
     scaler = grad_scaler(t.precision, device)
     windows = RandomWindows(splits.train, seq_len, t.micro_batch_size, seed=t.seed, device=device)
-    hook_ctx = HookContext(windows.next_batch, autocast(t.precision, device), t.grad_accum_steps, t.grad_clip)
+    hook_ctx = HookContext(windows.peek, autocast(t.precision, device), t.grad_accum_steps, t.grad_clip)
     hook = build_hook(model, optimizer, cfg.optimizer, hook_ctx)
     start_step, loss_window = 0, (0.0, 0)
     if state is not None:

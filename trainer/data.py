@@ -206,6 +206,13 @@ class RandomWindows:
             window = window.to(self.device)
         return window[:, :-1], window[:, 1:]
 
+    def peek(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The next n batches, without consuming them: the training stream is unchanged."""
+        state = self.generator.get_state()
+        batches = [self.next_batch() for _ in range(n)]
+        self.generator.set_state(state)
+        return batches
+
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 
