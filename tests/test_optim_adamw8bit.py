@@ -9,11 +9,11 @@ import io
 import pytest
 import torch
 
-from optim.adamw8bit import (
+from optim.adamw8bit import AdamW8bit
+from optim.quantize8bit import (
     ROUNDINGS,
     SIGNED_MAP,
     UNSIGNED_MAP,
-    AdamW8bit,
     create_dynamic_map,
     dequantize_blockwise,
     quantize_blockwise,
