@@ -32,13 +32,13 @@ bitsandbytes writes it: p = p * (1 - lr * wd), then p = p + (-lr * sqrt(1 - beta
 Relation to bitsandbytes
 ------------------------
 The reference is `bitsandbytes.optim.AdamW8bit` (bitsandbytes 0.50.2: `Optimizer2State` with
-optim_bits=8; on CPU its update is `backends/cpu/ops.py:_optimizer_update_8bit_blockwise_cpu` and the
-C quantiser `quantize_cpu`). What is the same: the two maps (`create_dynamic_map` in optim/quantize8bit.py, rebuilt there and
-tested equal to `bitsandbytes.functional.create_dynamic_map`), the block size (bitsandbytes hard-codes
-256; here 256 is the default), the `min_8bit_size` rule, the per-step order of operations (the same
-sequence of torch ops with the same Python-float scalars, so each element rounds identically), the
-bias correction and where eps enters, the normalisation x * (1 / absmax), and the state: uint8
-codes plus a float32 absmax per block.
+optim_bits=8; on CPU its update is `backends/cpu/ops.py:_optimizer_update_8bit_blockwise_cpu` and the C
+quantiser `quantize_cpu`). What is the same: the two maps (`create_dynamic_map` in
+optim/quantize8bit.py, tested equal to `bitsandbytes.functional.create_dynamic_map`), the block size
+(bitsandbytes hard-codes 256; here 256 is the default), the `min_8bit_size` rule, the per-step order of
+operations (the same sequence of torch ops with the same Python-float scalars, so each element rounds
+identically), the bias correction and where eps enters, the normalisation x * (1 / absmax), and the
+state: uint8 codes plus a float32 absmax per block.
 
 Rounding to a code. `rounding="nearest"` (the default) picks the code nearest to x / absmax, with the
 float32 midpoint of two neighbouring codes as the boundary (a value exactly on it goes to the lower

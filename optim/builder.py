@@ -145,6 +145,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "d": (lambda v: v > 0, "> 0"),
     "beta2_decay": (lambda v: v <= 0, "<= 0"),
     "r": (lambda v: v >= 0, ">= 0"),
+    "adjust_lr_fn": (lambda v: v in ("original", "match_rms_adamw"), "null, original or match_rms_adamw"),
 }
 
 

@@ -45,7 +45,7 @@ def test_each_group_has_options():
     for group in GROUPS + ["experiment"]:
         assert options(group), group
     assert {"nano", "gpt2", "gpt2-medium"} <= set(options("model"))
-    assert {"constant", "cosine", "wsd"} <= set(options("schedule"))
+    assert {"constant", "linear", "cosine", "wsd", "step", "exponential", "inverse_sqrt"} == set(options("schedule"))
     assert {"char", "byte", "bpe", "hf"} <= set(options("tokenizer"))
     assert "gpt2_124m" in options("experiment")
 

@@ -100,3 +100,9 @@ def test_scheduler_drives_the_optimizer_lr():
 def test_constant_scheduler_for_self_scheduling_optimizers():
     sched = constant_scheduler(sgd())
     assert [lr_factor(sched, s) for s in (0, 10, 10_000)] == [1.0, 1.0, 1.0]
+
+
+def test_every_schedule_is_a_config_option():
+    from conftest import REPO
+
+    assert {p.stem for p in (REPO / "configs" / "schedule").glob("*.yaml")} == set(SCHEDULES)
