@@ -31,6 +31,14 @@ class CheckedOptimizer(Optimizer):
         check_hparams(**{k: v for k, v in param_group.items() if k != "params"})
         super().add_param_group(param_group)
 
+    @staticmethod
+    def closure_loss(closure) -> Any:
+        """torch.optim's closure protocol: re-evaluate the loss (with grad) when a closure is given."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
     def params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
         """The group's parameters that have a (dense) gradient this step."""
         params = [p for p in group["params"] if p.grad is not None]

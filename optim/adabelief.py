@@ -58,10 +58,7 @@ class AdaBelief(CheckedOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self.closure_loss(closure)
 
         for group in self.param_groups:
             params, steps = [], []

@@ -54,10 +54,7 @@ class Lion(CheckedOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self.closure_loss(closure)
 
         for group in self.param_groups:
             buckets: dict[tuple[torch.device, torch.dtype], tuple[list, list, list]] = {}

@@ -112,10 +112,7 @@ class SophiaG(CheckedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self.closure_loss(closure)
 
         for group in self.param_groups:
             beta1, _ = group["betas"]
