@@ -10,7 +10,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from trainer.config import Precision, TrainConfig, to_typed
 from trainer.errors import ConfigError
 
-GROUPS = ["model", "data", "tokenizer", "optimizer", "schedule", "trainer", "logger"]
+GROUPS = ["model", "data", "tokenizer", "optimizer", "schedule", "trainer", "logger", "distributed"]
 
 
 def options(group: str) -> list[str]:

@@ -17,6 +17,7 @@ from optim.schedules import build_scheduler, constant_scheduler
 from trainer import checkpoint as ckpt_io
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import RandomWindows, build_tokenizer, check_split_sizes, find_corpus, prepare_tokens
+from trainer.distributed import Dist, barrier, local_device, wrap
 from trainer.errors import ConfigError
 from trainer.runtime import autocast, check_precision, grad_scaler, pick_device, seed_everything, set_rng_state
 
@@ -33,6 +34,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     optimizer_hook: Callable[[int], None] | None  # called after each step (e.g. Sophia's Hessian refresh)
+    dist: Dist  # rank, world size, strategy (trainer/distributed.py)
     scaler: torch.amp.GradScaler
     train_windows: RandomWindows
     val_tokens: np.ndarray
@@ -58,16 +60,25 @@ def model_config(cfg: ModelConfig, tokenizer_vocab: int) -> GPTConfig:
     )  # fmt: skip
 
 
-def setup_run(cfg: TrainConfig, run_dir: Path) -> Run:
-    t = cfg.trainer
-    device = pick_device(t.device)
-    check_precision(t.precision, device)
-    seed_everything(t.seed)
-
+def prepare_data(cfg: TrainConfig, progress: bool):
     cache_dir = Path(cfg.data.cache_dir).expanduser()
     corpus = find_corpus(cfg.data)
     tokenizer = build_tokenizer(cfg.tokenizer, corpus, cache_dir)
-    splits = prepare_tokens(corpus, tokenizer, cache_dir, cfg.data.val_fraction, progress=t.progress)
+    return tokenizer, prepare_tokens(corpus, tokenizer, cache_dir, cfg.data.val_fraction, progress=progress)
+
+
+def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
+    t = cfg.trainer
+    d = d or Dist()
+    device = local_device(pick_device(t.device), d)
+    check_precision(t.precision, device)
+    seed_everything(t.seed)
+
+    if not d.is_main:  # rank 0 tokenises and writes the caches; the others then read them
+        barrier(d)
+    tokenizer, splits = prepare_data(cfg, progress=t.progress and d.is_main)
+    if d.is_main:
+        barrier(d)
     seq_len = cfg.data.seq_len or cfg.model.block_size
     check_split_sizes(splits, seq_len, t.micro_batch_size)
     gpt_config = model_config(cfg.model, tokenizer.vocab_size)
@@ -80,7 +91,7 @@ def setup_run(cfg: TrainConfig, run_dir: Path) -> Run:
         ckpt_io.check_compatible(state, asdict(gpt_config), tokenizer.identity, ckpt)
 
     model = MiniGPT(gpt_config).to(device)
-    global_batch = t.micro_batch_size * t.grad_accum_steps
+    global_batch = t.micro_batch_size * t.grad_accum_steps * d.world_size
     ctx = BuildContext(device, global_batch, global_batch * seq_len, cfg.schedule.warmup_steps)
     try:
         optimizer = build_optimizer(model, cfg.optimizer, ctx)
@@ -94,9 +105,10 @@ def setup_run(cfg: TrainConfig, run_dir: Path) -> Run:
     else:
         scheduler = build_scheduler(optimizer, cfg.schedule, t.max_steps)
     scaler = grad_scaler(t.precision, device)
-    windows = RandomWindows(splits.train, seq_len, t.micro_batch_size, seed=t.seed, device=device)
+    windows = RandomWindows(splits.train, seq_len, t.micro_batch_size, t.seed, device, d.rank, d.world_size)
+    wrapped = wrap(model, d, device)
     hook_ctx = HookContext(windows.peek, autocast(t.precision, device), t.grad_accum_steps, t.grad_clip)
-    hook = build_hook(model, optimizer, cfg.optimizer, hook_ctx)
+    hook = build_hook(wrapped, optimizer, cfg.optimizer, hook_ctx)
     start_step, loss_window = 0, (0.0, 0)
     if state is not None:
         ckpt_io.load_weights(model, ckpt)
@@ -113,16 +125,18 @@ def setup_run(cfg: TrainConfig, run_dir: Path) -> Run:
         if start_step >= t.max_steps:
             log.info("checkpoint step %d >= trainer.max_steps=%d: nothing to train", start_step, t.max_steps)
 
-    step_model = torch.compile(model) if t.compile else model
+    step_model = torch.compile(wrapped) if t.compile else wrapped
     log.info(
         "model: %.2fM parameters (%.2fM non-embedding), %.1f MFLOP/token | data: %s train / %s val tokens "
-        "(%s, vocab %d) | device %s, %s",
+        "(%s, vocab %d) | device %s, %s | global batch %d x %d tokens (%s, %d ranks)",
         model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6,
         model.flops_per_token(seq_len) / 1e6, f"{len(splits.train):,}", f"{len(splits.val):,}",
-        tokenizer.identity, tokenizer.vocab_size, device, t.precision.value,
+        tokenizer.identity, tokenizer.vocab_size, device, t.precision.value, global_batch, seq_len, d.strategy,
+        d.world_size,
     )  # fmt: skip
     return Run(
         cfg=cfg, run_dir=run_dir, device=device, model=model, step_model=step_model, optimizer=optimizer,
         scheduler=scheduler, optimizer_hook=hook, scaler=scaler, train_windows=windows, val_tokens=splits.val,
         tokenizer=tokenizer, seq_len=seq_len, start_step=start_step, resumed_from=ckpt, loss_window=loss_window,
+        dist=d,
     )  # fmt: skip

@@ -106,6 +106,13 @@ class TrainerConfig:
 
 
 @dataclass
+class DistributedConfig:
+    strategy: str = "auto"  # auto | none | ddp
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: int = 1800  # collective timeout
+
+
+@dataclass
 class WandbConfig:
     mode: WandbMode = WandbMode.auto
     project: str = "minigpt"
@@ -129,6 +136,7 @@ class TrainConfig:
     schedule: ScheduleConfig = MISSING
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
+    distributed: DistributedConfig = MISSING
 
 
 GROUP_SCHEMAS = {
@@ -138,6 +146,7 @@ GROUP_SCHEMAS = {
     "schedule": ScheduleConfig,
     "trainer": TrainerConfig,
     "logger": LoggerConfig,
+    "distributed": DistributedConfig,
 }
 
 
@@ -164,6 +173,8 @@ CHOICES = {
     "schedule.name": ("constant", "linear", "cosine", "wsd", "step", "exponential", "inverse_sqrt"),
     "schedule.decay_type": ("linear", "cosine", "1-sqrt"),
     "model.pos_emb": ("learned", "rope"),
+    "distributed.strategy": ("auto", "none", "ddp"),
+    "distributed.backend": ("auto", "nccl", "gloo"),
 }
 
 

@@ -189,16 +189,27 @@ def check_split_sizes(splits: TokenSplits, seq_len: int, micro_batch_size: int) 
 
 
 class RandomWindows:
-    """Batches of random (input, target) windows from a token array, drawn by a seeded generator."""
+    """Batches of random (input, target) windows from a token array, drawn by a seeded generator.
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, device: torch.device):
+    Under data parallelism every rank draws the starts of the whole global batch (world x batch_size)
+    from the same generator and keeps its own slice: ranks see different windows, together exactly the
+    windows one process with the global batch would see, and the generator state is the same on every
+    rank (so one checkpointed state resumes any world size).
+    """
+
+    def __init__(
+        self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, device: torch.device,
+        rank: int = 0, world: int = 1,
+    ):  # fmt: skip
         self.tokens, self.seq_len, self.batch_size, self.device = tokens, seq_len, batch_size, device
+        self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
         self._offsets = np.arange(seq_len + 1)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         high = len(self.tokens) - self.seq_len  # window start in [0, high)
-        starts = torch.randint(0, high, (self.batch_size,), generator=self.generator).numpy()
+        starts = torch.randint(0, high, (self.batch_size * self.world,), generator=self.generator).numpy()
+        starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         window = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
         if self.device.type == "cuda":
             window = window.pin_memory().to(self.device, non_blocking=True)

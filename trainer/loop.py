@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from trainer import checkpoint as ckpt_io
 from trainer.build import Run
 from trainer.data import RandomWindows
+from trainer.distributed import any_rank, barrier, grad_sync, mean_over_ranks
 from trainer.metrics import MetricsLogger
 from trainer.runtime import StopSignal, autocast, rng_state
 
@@ -52,10 +53,11 @@ def train_step(
     mean loss over the whole batch, as if it had been one batch.
     """
     total = torch.zeros((), device=params[0].device)
-    for x, y in micro_batches:
-        with ctx:
-            _, loss = model(x, y)
-        scaler.scale(loss / n_micro).backward()
+    for i, (x, y) in enumerate(micro_batches):
+        with grad_sync(model, last_micro_batch=i == n_micro - 1):  # DDP: all-reduce once per step
+            with ctx:
+                _, loss = model(x, y)
+            scaler.scale(loss / n_micro).backward()
         total += loss.detach()
     scaler.unscale_(optimizer)  # no-op unless fp16
     grads = [p.grad for p in params if p.grad is not None]
@@ -87,20 +89,24 @@ def optimizer_eval_mode(optimizer: torch.optim.Optimizer):
 def evaluate(run: Run) -> float:
     """Mean loss over trainer.eval_steps fixed validation batches."""
     t = run.cfg.trainer
-    windows = RandomWindows(run.val_tokens, run.seq_len, t.micro_batch_size, VAL_SEED, run.device)
+    d = run.dist
+    windows = RandomWindows(run.val_tokens, run.seq_len, t.micro_batch_size, VAL_SEED, run.device, d.rank, d.world_size)
     run.step_model.eval()
     losses = torch.zeros(t.eval_steps, device=run.device)
     with autocast(t.precision, run.device), optimizer_eval_mode(run.optimizer):
         for i in range(t.eval_steps):
             _, losses[i] = run.step_model(*windows.next_batch())
     run.step_model.train()
-    return losses.mean().item()
+    return mean_over_ranks(losses.mean(), d).item()
 
 
 def save(run: Run, step: int, loss_window: tuple[float, int]) -> None:
     # Inside eval mode, a schedule-free optimizer saves the averaged weights x and records eval mode
     # in its state, so that `optimizer.train()` after loading restores the training iterate exactly.
     with optimizer_eval_mode(run.optimizer):
+        if not run.dist.is_main:  # the model is replicated: rank 0 writes it
+            barrier(run.dist)
+            return
         state = {
             "format": 1, "step": step, "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
@@ -112,6 +118,7 @@ def save(run: Run, step: int, loss_window: tuple[float, int]) -> None:
             run.run_dir / "checkpoints", step, run.model, state, OmegaConf.to_yaml(run.cfg), run.tokenizer,
             run.cfg.trainer.keep_checkpoints,
         )  # fmt: skip
+    barrier(run.dist)
     log.info("step %d: checkpoint %s", step, path)
 
 
@@ -119,7 +126,8 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
     t = run.cfg.trainer
     ctx = autocast(t.precision, run.device)
     params = [p for p in run.model.parameters() if p.requires_grad]
-    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * run.seq_len
+    d = run.dist
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * run.seq_len * d.world_size  # global
     loss_sum, loss_count = run.loss_window
     loss_sum = torch.tensor(float(loss_sum), device=run.device)
     val_loss = None
@@ -127,11 +135,12 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
         val_loss = evaluate(run)
         metrics.log(0, {"tokens": 0, "val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
         log.info("step 0: val loss %.4f", val_loss)
-    bar = tqdm(total=t.max_steps, initial=run.start_step, disable=not t.progress, desc="train", unit="step")
+    show = t.progress and d.is_main
+    bar = tqdm(total=t.max_steps, initial=run.start_step, disable=not show, desc="train", unit="step")
     timer, timed_steps = time.perf_counter(), 0
-    step = run.start_step
+    step, stopping = run.start_step, False
     with StopSignal() as stop:
-        while step < t.max_steps and stop.signum is None:
+        while step < t.max_steps and not stopping:
             lr = run.optimizer.param_groups[0]["lr"]
             batches = (run.train_windows.next_batch() for _ in range(t.grad_accum_steps))
             loss, norm = train_step(
@@ -144,10 +153,16 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
                 run.optimizer_hook(step)
             loss_sum += loss
             bar.update(1)
-            last = step == t.max_steps
+            last, log_step = step == t.max_steps, step % t.log_interval == 0 or step == t.max_steps
+            # Ranks agree on stopping at log steps only (a collective), so they stop at the same step.
+            stopping = (
+                stop.signum is not None
+                if not d.enabled
+                else log_step and any_rank(stop.signum is not None, d, run.device)
+            )
             record = {}
-            if step % t.log_interval == 0 or last:
-                train_loss = loss_sum.item() / loss_count  # host sync: log steps only
+            if log_step:
+                train_loss = mean_over_ranks(loss_sum, d).item() / loss_count  # host sync: log steps only
                 tok_s = timed_steps * tokens_per_step / (time.perf_counter() - timer)
                 record.update({"train/loss": train_loss, "lr": lr, "grad_norm": norm.item(), "tokens_per_s": tok_s})
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
@@ -159,12 +174,12 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
                 log.info("step %d: val loss %.4f", step, val_loss)
             if record:
                 metrics.log(step, {"tokens": step * tokens_per_step, **record})
-            if step % t.ckpt_interval == 0 or last or stop.signum is not None:
+            if step % t.ckpt_interval == 0 or last or stopping:
                 save(run, step, (loss_sum.item(), loss_count))
             if record or step % t.ckpt_interval == 0:  # keep eval and checkpoint time out of tokens/s
                 timer, timed_steps = time.perf_counter(), 0
     bar.close()
-    return FitResult(step=step, val_loss=val_loss, interrupted_by=stop.signum)
+    return FitResult(step=step, val_loss=val_loss, interrupted_by=stop.signum if stopping else None)
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int):

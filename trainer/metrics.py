@@ -85,3 +85,16 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+class NullMetrics:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, step: int, record: dict) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -6,6 +6,7 @@ Bad input surfaces as ConfigError anywhere before the first step and is reported
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -34,18 +35,45 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     except OmegaConfBaseException as e:
         fail(str(e).splitlines()[0])
     # Heavy imports after validation, so bad input is reported at once.
-    from trainer.build import setup_run
-    from trainer.loop import fit, generate_text, optimizer_eval_mode
-    from trainer.metrics import MetricsLogger
+    from trainer import distributed
+    from trainer.runtime import pick_device
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        r = setup_run(typed, run_dir)
+        d = distributed.setup(**vars(typed.distributed), device=pick_device(typed.trainer.device))
     except ConfigError as e:
         fail(str(e))
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        return _train(cfg, typed, run_dir, d)
+    except ConfigError as e:
+        fail(str(e) if not d.enabled else f"(rank {d.rank}) {e}")
+    except Exception as e:  # under several processes, say which one failed; the launcher stops the rest
+        if d.enabled:
+            log.error("rank %d failed: %s: %s", d.rank, type(e).__name__, e)
+        raise
+    finally:
+        distributed.teardown(d)
+
+
+def _train(cfg: DictConfig, typed: TrainConfig, run_dir: Path, d) -> float | None:
+    from trainer import distributed
+    from trainer.build import setup_run
+    from trainer.loop import fit, generate_text, optimizer_eval_mode
+    from trainer.metrics import MetricsLogger, NullMetrics
+
+    if d.enabled:  # every rank works in rank 0's run directory (Hydra's timestamps may differ by a second)
+        own, run_dir = run_dir, Path(distributed.broadcast(str(run_dir), d))
+        if own != run_dir and not d.is_main:
+            shutil.rmtree(own, ignore_errors=True)
+        if not d.is_main:
+            logging.getLogger().setLevel(logging.WARNING)  # the console and train.log are rank 0's
+    run_dir.mkdir(parents=True, exist_ok=True)
+    r = setup_run(typed, run_dir, d)
     config_dict = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    metrics = MetricsLogger(run_dir, typed.logger.wandb, config_dict, r.start_step if r.resumed_from else None)
+    if d.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        metrics = MetricsLogger(run_dir, typed.logger.wandb, config_dict, r.start_step if r.resumed_from else None)
+    else:
+        metrics = NullMetrics()
     try:
         with logging_redirect_tqdm():
             result = fit(r, metrics)
@@ -59,7 +87,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
             )
             sys.exit(128 + result.interrupted_by)  # `finally` closes the metrics
         t = typed.trainer
-        if t.sample_tokens > 0:
+        if t.sample_tokens > 0 and d.is_main:
             with optimizer_eval_mode(r.optimizer):  # schedule-free: sample at the averaged weights
                 text = generate_text(
                     r.model, r.tokenizer, t.sample_prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k, t.seed

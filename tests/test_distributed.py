@@ -1,0 +1,128 @@
+"""Data parallelism on CPU: `torchrun --nproc_per_node=2` with gloo against one process.
+
+DDP with 2 ranks of micro batch b must train exactly like one process with micro batch 2b (fp32):
+same losses, gradient norms and weights. Checkpoints are rank-independent, so a run saved at one
+world size resumes at another and continues the same curve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+from safetensors.torch import load_file
+
+from trainer.distributed import launcher_env
+
+ENV = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+ENV |= {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def launch(overrides: list[str], run_dir: Path, nproc: int) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    if nproc == 1:
+        cmd = [sys.executable]
+    proc = subprocess.run([*cmd, str(REPO / "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
+
+
+def assert_same_run(a: dict[int, dict], b: dict[int, dict], steps, keys=("train/loss", "grad_norm", "val/loss")):
+    worst = 0.0
+    for step in steps:
+        for key in keys:
+            if key in a[step]:
+                rel = abs(a[step][key] - b[step][key]) / abs(a[step][key])
+                worst = max(worst, rel)
+                assert rel < 1e-5, (step, key, a[step][key], b[step][key])
+    return worst
+
+
+def settings(tmp_path: Path, corpus: Path, **extra) -> list[str]:
+    base = {"trainer.max_steps": 10, "trainer.log_interval": 1, "trainer.eval_interval": 5,
+            "trainer.ckpt_interval": 5, "trainer.keep_checkpoints": 3, "trainer.sample_tokens": 0}  # fmt: skip
+    return tiny_overrides(tmp_path, corpus, {**base, **extra})
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_ddp_two_ranks_match_one_process_with_twice_the_batch(tmp_path, corpus_file, accum):
+    launch(settings(tmp_path, corpus_file, **{"trainer.micro_batch_size": 8}), tmp_path / "one", 1)
+    ddp = {"trainer.micro_batch_size": 4 // accum, "trainer.grad_accum_steps": accum}  # 2 ranks x 4 = 8
+    launch([*settings(tmp_path, corpus_file, **ddp), "distributed=ddp"], tmp_path / "two", 2)
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert sorted(one) == sorted(two) and two[10]["tokens"] == one[10]["tokens"]
+    # Evaluation reads micro_batch_size windows per rank, so val batches match only when accum is 1.
+    keys = ("train/loss", "grad_norm", "val/loss") if accum == 1 else ("train/loss", "grad_norm")
+    assert_same_run(one, two, range(1, 11), keys)
+    for name, w in weights(tmp_path / "one", 10).items():
+        torch.testing.assert_close(weights(tmp_path / "two", 10)[name], w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("saved_with, resumed_with", [(1, 2), (2, 1)])
+def test_resume_at_another_world_size_continues_the_curve(tmp_path, corpus_file, saved_with, resumed_with):
+    micro = {1: 8, 2: 4}
+    full = tmp_path / "full"
+    launch(settings(tmp_path, corpus_file, **{"trainer.micro_batch_size": micro[saved_with]}), full, saved_with)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step_00000005", resumed / "checkpoints" / "step_00000005")
+    overrides = settings(tmp_path, corpus_file, **{"trainer.micro_batch_size": micro[resumed_with]})
+    launch([*overrides, "trainer.resume=auto"], resumed, resumed_with)
+    a, b = records(full), records(resumed)
+    assert sorted(b) == list(range(6, 11))
+    assert_same_run(a, b, range(6, 11))
+
+
+def test_launcher_environment(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(var, raising=False)
+    assert launcher_env() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert launcher_env() == (5, 8, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert launcher_env() == (3, 4, 3)  # torchrun / accelerate take precedence
+
+
+def test_sigterm_to_the_launcher_leaves_a_loadable_checkpoint(tmp_path, corpus_file):
+    import signal
+    import time
+
+    from trainer import checkpoint as ckpt_io
+
+    overrides = settings(tmp_path, corpus_file, **{"trainer.max_steps": 100000, "trainer.eval_interval": 100000,
+                                                   "trainer.ckpt_interval": 100000, "trainer.log_interval": 5,
+                                                   "trainer.micro_batch_size": 4})  # fmt: skip
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "SIGTERM at step" in out, out[-3000:]
+    (ckpt,) = ckpt_io.list_checkpoints(run_dir / "checkpoints")
+    state = ckpt_io.load_state(ckpt)
+    assert state["step"] > 0 and (ckpt / "model.safetensors").exists()

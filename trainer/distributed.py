@@ -1,0 +1,121 @@
+"""Data parallelism under torchrun, `accelerate launch` or SLURM's srun: process-group set-up from the
+launcher's environment, wrapping the model from outside (DDP), and the few collectives the loop needs.
+
+The model module knows nothing of this; trainer/build.py wraps it and the loop asks `Dist` for the
+rank-dependent decisions (who logs, who writes checkpoints).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.errors import ConfigError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    strategy: str = "none"  # none | ddp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.strategy != "none"
+
+
+def launcher_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun / accelerate (RANK, WORLD_SIZE, LOCAL_RANK) or
+    SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID); (0, 1, 0) for a plain `python train.py`."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def setup(strategy: str, backend: str, timeout_s: int, device: torch.device) -> Dist:
+    """Join the process group when the run is distributed (`distributed=auto`: whenever the launcher
+    started several processes)."""
+    rank, world, local_rank = launcher_env()
+    if strategy == "auto":
+        strategy = "ddp" if world > 1 else "none"
+    if strategy == "none":
+        if world > 1:
+            raise ConfigError(f"launched with {world} processes but distributed=none: use distributed=ddp or auto")
+        return Dist()
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # a single process asked for ddp explicitly
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    return Dist(rank, world, local_rank, strategy)
+
+
+def local_device(device: torch.device, d: Dist) -> torch.device:
+    """Each process drives the GPU of its local rank."""
+    return torch.device("cuda", d.local_rank) if device.type == "cuda" and d.enabled else device
+
+
+def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
+    if d.strategy == "ddp":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def grad_sync(model: nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    if not last_micro_batch and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def mean_over_ranks(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The average over ranks (each rank holds the mean of an equal share of the batch)."""
+    if d.enabled:
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= d.world_size
+    return value
+
+
+def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
+    """True on every rank when it is true on any (so that all ranks stop at the same step)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor(int(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast(obj, d: Dist):
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def teardown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
