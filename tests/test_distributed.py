@@ -126,3 +126,48 @@ def test_sigterm_to_the_launcher_leaves_a_loadable_checkpoint(tmp_path, corpus_f
     (ckpt,) = ckpt_io.list_checkpoints(run_dir / "checkpoints")
     state = ckpt_io.load_state(ckpt)
     assert state["step"] > 0 and (ckpt / "model.safetensors").exists()
+
+
+FSDP_FP32 = ["distributed=fsdp", "distributed.param_dtype=fp32"]  # fp32 for an exact comparison
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_fsdp_matches_ddp(tmp_path, corpus_file, accum):
+    batch = {"trainer.micro_batch_size": 4 // accum, "trainer.grad_accum_steps": accum}
+    launch([*settings(tmp_path, corpus_file, **batch), "distributed=ddp"], tmp_path / "ddp", 2)
+    launch([*settings(tmp_path, corpus_file, **batch), *FSDP_FP32], tmp_path / "fsdp", 2)
+    ddp, fsdp = records(tmp_path / "ddp"), records(tmp_path / "fsdp")
+    assert sorted(ddp) == sorted(fsdp)
+    assert_same_run(ddp, fsdp, range(1, 11))  # includes grad_norm: the sharded norm equals the whole one
+    for name, w in weights(tmp_path / "ddp", 10).items():
+        torch.testing.assert_close(weights(tmp_path / "fsdp", 10)[name], w, rtol=1e-5, atol=1e-6)
+    assert {"config.yaml", "metrics.jsonl", "checkpoints"} <= {p.name for p in (tmp_path / "fsdp").iterdir()}
+
+
+@pytest.mark.parametrize("saved_with, resumed_with", [(2, 1), (1, 2)])
+def test_fsdp_resume_at_another_world_size(tmp_path, corpus_file, saved_with, resumed_with):
+    micro = {1: 8, 2: 4}
+    full = tmp_path / "full"
+    launch([*settings(tmp_path, corpus_file, **{"trainer.micro_batch_size": micro[saved_with]}), *FSDP_FP32],
+           full, saved_with)  # fmt: skip
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step_00000005", resumed / "checkpoints" / "step_00000005")
+    overrides = settings(tmp_path, corpus_file, **{"trainer.micro_batch_size": micro[resumed_with]})
+    launch([*overrides, *FSDP_FP32, "trainer.resume=auto"], resumed, resumed_with)
+    assert_same_run(records(full), records(resumed), range(6, 11))
+
+
+def test_fsdp_bf16_mixed_precision_trains(tmp_path, corpus_file):
+    overrides = settings(tmp_path, corpus_file, **{"trainer.micro_batch_size": 4, "trainer.precision": "bf16"})
+    launch([*overrides, "distributed=fsdp"], tmp_path / "run", 2)  # bf16 parameters, fp32 reduction
+    r = records(tmp_path / "run")
+    assert r[10]["val/loss"] < r[0]["val/loss"]
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "lamb", "adafactor", "adamw8bit"])
+def test_fsdp_refuses_optimizers_that_need_whole_tensors(tmp_path, optimizer):
+    cmd = [sys.executable, str(REPO / "train.py"), "distributed=fsdp", f"optimizer={optimizer}",
+           f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "distributed=fsdp" in lines[0], proc.stderr

@@ -17,7 +17,7 @@ from optim.schedules import build_scheduler, constant_scheduler
 from trainer import checkpoint as ckpt_io
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import RandomWindows, build_tokenizer, check_split_sizes, find_corpus, prepare_tokens
-from trainer.distributed import Dist, barrier, local_device, wrap
+from trainer.distributed import Dist, barrier, load_full_optimizer_state, local_device, wrap
 from trainer.errors import ConfigError
 from trainer.runtime import autocast, check_precision, grad_scaler, pick_device, seed_everything, set_rng_state
 
@@ -60,6 +60,12 @@ def model_config(cfg: ModelConfig, tokenizer_vocab: int) -> GPTConfig:
     )  # fmt: skip
 
 
+def optimizer_format(d: Dist) -> str:
+    """How a checkpoint stores optimizer state: FSDP's full state dict (keyed by parameter name) or
+    torch's own `optimizer.state_dict()` (keyed by position)."""
+    return "fqn" if d.strategy == "fsdp" else "torch"
+
+
 def prepare_data(cfg: TrainConfig, progress: bool):
     cache_dir = Path(cfg.data.cache_dir).expanduser()
     corpus = find_corpus(cfg.data)
@@ -91,10 +97,13 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
         ckpt_io.check_compatible(state, asdict(gpt_config), tokenizer.identity, ckpt)
 
     model = MiniGPT(gpt_config).to(device)
+    if state is not None:
+        ckpt_io.load_weights(model, ckpt)  # into the plain module, before any wrapping
+    wrapped = wrap(model, d, device, cfg.distributed)  # FSDP shards the parameters in place
     global_batch = t.micro_batch_size * t.grad_accum_steps * d.world_size
     ctx = BuildContext(device, global_batch, global_batch * seq_len, cfg.schedule.warmup_steps)
     try:
-        optimizer = build_optimizer(model, cfg.optimizer, ctx)
+        optimizer = build_optimizer(model, cfg.optimizer, ctx)  # after wrapping: FSDP's sharded parameters
     except ValueError as e:  # a hyperparameter the optimizer's own constructor rejects
         raise ConfigError(f"optimizer={cfg.optimizer.name}: {e}") from None
     if load_all()[cfg.optimizer.name].needs_constant_schedule:
@@ -106,13 +115,19 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
         scheduler = build_scheduler(optimizer, cfg.schedule, t.max_steps)
     scaler = grad_scaler(t.precision, device)
     windows = RandomWindows(splits.train, seq_len, t.micro_batch_size, t.seed, device, d.rank, d.world_size)
-    wrapped = wrap(model, d, device)
     hook_ctx = HookContext(windows.peek, autocast(t.precision, device), t.grad_accum_steps, t.grad_clip)
     hook = build_hook(wrapped, optimizer, cfg.optimizer, hook_ctx)
     start_step, loss_window = 0, (0.0, 0)
     if state is not None:
-        ckpt_io.load_weights(model, ckpt)
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("optimizer_format", "torch") != optimizer_format(d):
+            raise ConfigError(
+                f"checkpoint {ckpt} holds {state.get('optimizer_format', 'torch')}-format optimizer state: resume "
+                f"it with distributed={'fsdp' if d.strategy != 'fsdp' else 'ddp or none'}"
+            )
+        if d.strategy == "fsdp":
+            load_full_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         if callable(getattr(optimizer, "train", None)):
             optimizer.train()  # schedule-free: checkpoints hold the eval-mode average; back to training
         scheduler.load_state_dict(state["scheduler"])

@@ -107,9 +107,14 @@ class TrainerConfig:
 
 @dataclass
 class DistributedConfig:
-    strategy: str = "auto"  # auto | none | ddp
+    strategy: str = "auto"  # auto | none | ddp | fsdp
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     timeout_s: int = 1800  # collective timeout
+    # fsdp (FSDP2, fully_shard per block then the root):
+    param_dtype: str = "bf16"  # bf16 | fp32: the dtype parameters are gathered in for compute
+    reduce_dtype: str = "fp32"  # bf16 | fp32: the dtype gradients are reduced in
+    reshard_after_forward: bool = True  # True: ZeRO-3 style; False: keep gathered until backward (ZeRO-2)
+    cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state on the CPU
 
 
 @dataclass
@@ -173,7 +178,9 @@ CHOICES = {
     "schedule.name": ("constant", "linear", "cosine", "wsd", "step", "exponential", "inverse_sqrt"),
     "schedule.decay_type": ("linear", "cosine", "1-sqrt"),
     "model.pos_emb": ("learned", "rope"),
-    "distributed.strategy": ("auto", "none", "ddp"),
+    "distributed.strategy": ("auto", "none", "ddp", "fsdp"),
+    "distributed.param_dtype": ("bf16", "fp32"),
+    "distributed.reduce_dtype": ("bf16", "fp32"),
     "distributed.backend": ("auto", "nccl", "gloo"),
 }
 
@@ -228,6 +235,10 @@ def validate(cfg: TrainConfig) -> None:
     if problem:
         raise ConfigError(problem)
     spec = load_all()[o.name]
+    if cfg.distributed.strategy == "fsdp":
+        from trainer.distributed import check_fsdp_optimizer
+
+        check_fsdp_optimizer(o.name, o.lookahead.k is not None)
     if type(o) is not spec.config:
         raise ConfigError(
             f"optimizer.name={o.name} does not match the optimizer group: select it with optimizer={o.name}"

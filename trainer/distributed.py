@@ -24,7 +24,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    strategy: str = "none"  # none | ddp
+    strategy: str = "none"  # none | ddp | fsdp
 
     @property
     def is_main(self) -> bool:
@@ -46,7 +46,7 @@ def launcher_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def setup(strategy: str, backend: str, timeout_s: int, device: torch.device) -> Dist:
+def setup(strategy: str, backend: str, timeout_s: int, device: torch.device, **_fsdp_options) -> Dist:
     """Join the process group when the run is distributed (`distributed=auto`: whenever the launcher
     started several processes)."""
     rank, world, local_rank = launcher_env()
@@ -72,17 +72,78 @@ def local_device(device: torch.device, d: Dist) -> torch.device:
     return torch.device("cuda", d.local_rank) if device.type == "cuda" and d.enabled else device
 
 
-def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+# Optimizers verified under FSDP against DDP (tests/test_distributed.py); the others are refused with
+# the reason, since sharded parameters break what they assume.
+FSDP_REFUSED = {
+    "muon": "Muon orthogonalises whole matrices, and FSDP gives each rank a shard",
+    "lamb": "LAMB's trust ratio needs each tensor's whole norm, and FSDP gives each rank a shard",
+    "adafactor": "Adafactor's factored moments average whole rows and columns, and FSDP shards them",
+    "adamw8bit": "8-bit AdamW quantises flat blocks of whole tensors, and FSDP gives each rank a shard",
+}
+FSDP_VERIFIED = ("sgd", "momentum", "nesterov", "adam", "adamw", "lion", "adabelief", "sophia")
+
+
+def check_fsdp_optimizer(name: str, lookahead: bool) -> None:
+    if name in FSDP_REFUSED:
+        raise ConfigError(
+            f"optimizer={name} cannot run under distributed=fsdp: {FSDP_REFUSED[name]}; use distributed=ddp"
+        )
+    if lookahead or name not in FSDP_VERIFIED:
+        what = "optimizer.lookahead" if lookahead else f"optimizer={name}"
+        raise ConfigError(f"{what} is not verified under distributed=fsdp yet; use distributed=ddp")
+
+
+def wrap(model: nn.Module, d: Dist, device: torch.device, cfg=None) -> nn.Module:
+    """DDP around the model, or FSDP2: fully_shard each transformer block, then the root."""
     if d.strategy == "ddp":
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if d.strategy == "fsdp":
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        from models.minigpt import Block
+
+        options = {
+            "mp_policy": MixedPrecisionPolicy(
+                param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype]
+            ),
+            "reshard_after_forward": cfg.reshard_after_forward,
+        }
+        if cfg.cpu_offload:
+            options["offload_policy"] = CPUOffloadPolicy()
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
+            fully_shard(block, **options)
+        fully_shard(model, **options)
     return model
 
 
-def grad_sync(model: nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
-    if not last_micro_batch and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, last_micro_batch: bool):
+    """Skip the gradient reduction on all but the last micro-batch of an accumulated step
+    (DDP's no_sync, FSDP2's set_requires_gradient_sync)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last_micro_batch)
+        yield
+    elif not last_micro_batch and hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """FSDP: the whole model and optimizer state, gathered to CPU (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def mean_over_ranks(value: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -18,10 +18,11 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from models.minigpt import MiniGPT
 from trainer import checkpoint as ckpt_io
-from trainer.build import Run
+from trainer.build import Run, optimizer_format
 from trainer.data import RandomWindows
-from trainer.distributed import any_rank, barrier, grad_sync, mean_over_ranks
+from trainer.distributed import any_rank, barrier, full_state, grad_sync, mean_over_ranks
 from trainer.metrics import MetricsLogger
 from trainer.runtime import StopSignal, autocast, rng_state
 
@@ -64,6 +65,8 @@ def train_step(
     norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     if grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor over the shards; its full value is the global norm
+        norm = norm.full_tensor()
     if grad_clip_value > 0:
         torch.nn.utils.clip_grad_value_(params, grad_clip_value, foreach=True)
     scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
@@ -104,18 +107,25 @@ def save(run: Run, step: int, loss_window: tuple[float, int]) -> None:
     # Inside eval mode, a schedule-free optimizer saves the averaged weights x and records eval mode
     # in its state, so that `optimizer.train()` after loading restores the training iterate exactly.
     with optimizer_eval_mode(run.optimizer):
-        if not run.dist.is_main:  # the model is replicated: rank 0 writes it
+        model, optimizer_state = run.model, None
+        if run.dist.strategy == "fsdp":  # gather the shards (every rank takes part), rank 0 writes
+            model_state, optimizer_state = full_state(run.model, run.optimizer)
+            if run.dist.is_main:
+                model = MiniGPT(run.model.config)
+                model.load_state_dict(model_state)
+        if not run.dist.is_main:  # the model is replicated (DDP) or gathered (FSDP): rank 0 writes it
             barrier(run.dist)
             return
         state = {
-            "format": 1, "step": step, "optimizer": run.optimizer.state_dict(),
+            "format": 1, "step": step, "optimizer": optimizer_state or run.optimizer.state_dict(),
+            "optimizer_format": optimizer_format(run.dist),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
             "sampler": run.train_windows.state_dict(), "rng": rng_state(run.device),
             "loss_window": list(loss_window), "model_config": vars(run.model.config).copy(),
             "tokenizer": run.tokenizer.identity,
         }  # fmt: skip
         path = ckpt_io.save_checkpoint(
-            run.run_dir / "checkpoints", step, run.model, state, OmegaConf.to_yaml(run.cfg), run.tokenizer,
+            run.run_dir / "checkpoints", step, model, state, OmegaConf.to_yaml(run.cfg), run.tokenizer,
             run.cfg.trainer.keep_checkpoints,
         )  # fmt: skip
     barrier(run.dist)
