@@ -82,7 +82,7 @@ FSDP_REFUSED = {
     "adafactor": "Adafactor's factored moments average whole rows and columns, and FSDP shards them",
     "adamw8bit": "8-bit AdamW quantises flat blocks of whole tensors, and FSDP gives each rank a shard",
 }
-FSDP_VERIFIED = ("sgd", "momentum", "nesterov", "adam", "adamw", "lion", "adabelief", "sophia")
+FSDP_VERIFIED = ("sgd", "momentum", "nesterov", "adam", "adamw", "lion", "sophia")
 
 
 def check_fsdp_optimizer(name: str, lookahead: bool) -> None:
