@@ -181,3 +181,11 @@ def test_each_optimizer_allowed_under_fsdp_matches_ddp(tmp_path, corpus_file, op
     launch([*settings(tmp_path, corpus_file, **extra), "distributed=ddp"], tmp_path / "ddp", 2)
     launch([*settings(tmp_path, corpus_file, **extra), *FSDP_FP32], tmp_path / "fsdp", 2)
     assert_same_run(records(tmp_path / "ddp"), records(tmp_path / "fsdp"), range(1, 7), ("train/loss", "grad_norm"))
+
+
+@pytest.mark.parametrize("strategy", [["distributed=ddp"], FSDP_FP32])
+def test_activation_checkpointing_under_both_wrappers(tmp_path, corpus_file, strategy):
+    overrides = [*settings(tmp_path, corpus_file, **{"trainer.micro_batch_size": 4, "trainer.max_steps": 6}), *strategy]
+    launch(overrides, tmp_path / "plain", 2)
+    launch([*overrides, "trainer.activation_checkpointing=true"], tmp_path / "ac", 2)
+    assert_same_run(records(tmp_path / "plain"), records(tmp_path / "ac"), range(1, 7))

@@ -205,3 +205,16 @@ def test_sigint_mid_run_checkpoints_and_exits_130(tmp_path, corpus_file):
     step = ckpt_io.load_state(ckpt)["step"]
     assert 0 < step < 100000
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_activation_checkpointing_gives_the_same_run(tmp_path, corpus_file):
+    plain = train(tmp_path, corpus_file, tmp_path / "plain", {"trainer.max_steps": 10})
+    ac = train(
+        tmp_path, corpus_file, tmp_path / "ac", {"trainer.max_steps": 10, "trainer.activation_checkpointing": True}
+    )
+    assert by_step(ac, "train/loss") == by_step(plain, "train/loss")
+    assert by_step(ac, "grad_norm") == by_step(plain, "grad_norm")
+    # same state-dict keys: a checkpoint written without it resumes with it
+    extra = {"trainer.max_steps": 12, "trainer.activation_checkpointing": True, "trainer.resume": "auto"}
+    resumed = train(tmp_path, corpus_file, tmp_path / "plain", extra)
+    assert resumed[-1]["step"] == 12

@@ -17,7 +17,7 @@ from optim.schedules import build_scheduler, constant_scheduler
 from trainer import checkpoint as ckpt_io
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import RandomWindows, build_tokenizer, check_split_sizes, find_corpus, prepare_tokens
-from trainer.distributed import Dist, barrier, load_full_optimizer_state, local_device, wrap
+from trainer.distributed import Dist, barrier, checkpoint_blocks, load_full_optimizer_state, local_device, wrap
 from trainer.errors import ConfigError
 from trainer.runtime import autocast, check_precision, grad_scaler, pick_device, seed_everything, set_rng_state
 
@@ -99,6 +99,8 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
     model = MiniGPT(gpt_config).to(device)
     if state is not None:
         ckpt_io.load_weights(model, ckpt)  # into the plain module, before any wrapping
+    if t.activation_checkpointing:
+        checkpoint_blocks(model)
     wrapped = wrap(model, d, device, cfg.distributed)  # FSDP shards the parameters in place
     global_batch = t.micro_batch_size * t.grad_accum_steps * d.world_size
     ctx = BuildContext(device, global_batch, global_batch * seq_len, cfg.schedule.warmup_steps)

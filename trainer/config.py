@@ -97,6 +97,7 @@ class TrainerConfig:
     seed: int = 1337
     device: DeviceKind = DeviceKind.auto
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (saves memory)
     resume: str | None = None  # null | auto | a checkpoint or run directory
     sample_tokens: int = 300  # text sampled at the end (0 = none)
     sample_prompt: str = "\n"

@@ -118,6 +118,16 @@ def wrap(model: nn.Module, d: Dist, device: torch.device, cfg=None) -> nn.Module
     return model
 
 
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Activation checkpointing per transformer block, applied from outside the model (state-dict keys
+    are unchanged, so checkpoints move freely between runs with and without it)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from models.minigpt import Block
+
+    apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, Block))
+
+
 @contextlib.contextmanager
 def grad_sync(model: nn.Module, last_micro_batch: bool):
     """Skip the gradient reduction on all but the last micro-batch of an accumulated step
