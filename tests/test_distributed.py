@@ -189,3 +189,13 @@ def test_activation_checkpointing_under_both_wrappers(tmp_path, corpus_file, str
     launch(overrides, tmp_path / "plain", 2)
     launch([*overrides, "trainer.activation_checkpointing=true"], tmp_path / "ac", 2)
     assert_same_run(records(tmp_path / "plain"), records(tmp_path / "ac"), range(1, 7))
+
+
+@pytest.mark.parametrize("strategy", [["distributed=ddp"], FSDP_FP32])
+def test_compile_under_both_wrappers(tmp_path, corpus_file, strategy):
+    overrides = [*settings(tmp_path, corpus_file, **{"trainer.micro_batch_size": 4, "trainer.max_steps": 6}), *strategy]
+    launch(overrides, tmp_path / "eager", 2)
+    launch([*overrides, "trainer.compile=true"], tmp_path / "compiled", 2)
+    assert_same_run(
+        records(tmp_path / "eager"), records(tmp_path / "compiled"), range(1, 7), ("train/loss", "grad_norm")
+    )
