@@ -35,9 +35,8 @@ def state_report(model: nn.Module, cfg: OptimizerConfig, seq_len: int = 32, batc
     optimizer.zero_grad(set_to_none=True)
     upcoming = lambda n: [next_batch() for _ in range(n)]  # noqa: E731
     hook = build_hook(model, optimizer, cfg, HookContext(upcoming, torch.autocast(device.type, enabled=False)))
-    if hook is not None:
-        for step in range(1, 1 + getattr(cfg, "hessian_interval", 1)):
-            hook(step)
+    if hook is not None:  # call it at a step where it fires (Sophia: every hessian_interval steps)
+        hook(getattr(cfg, "hessian_interval", 1))
     n = numel(model)
     measured, theory = state_bytes_measured(optimizer), state_bytes_theory(model, cfg)
     return {"params": n, "measured_bytes": measured, "theory_bytes": theory,

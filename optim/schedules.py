@@ -71,7 +71,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_s
     elif cfg.name == "step":
         fn = partial(step_factor, warmup=warmup, step_size=cfg.step_size, gamma=cfg.gamma, floor=floor)
     elif cfg.name == "exponential":
-        fn = partial(exponential_factor, warmup=warmup, max_steps=max_steps, floor=max(floor, 1e-12))
+        fn = partial(exponential_factor, warmup=warmup, max_steps=max_steps, floor=floor)  # validated > 0
     else:
         raise ValueError(f"unknown schedule {cfg.name!r}")
     return LambdaLR(optimizer, fn)

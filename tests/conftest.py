@@ -57,6 +57,17 @@ def tiny_overrides(tmp_path: Path, corpus: Path, extra: dict | None = None) -> l
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def wait_for_lines(path: Path, n: int, timeout: float = 120) -> None:
+    """Poll until the file at `path` holds at least n lines (a run has started logging)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.02)
+
+
 def compose_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         return compose("train", overrides=overrides)

@@ -9,11 +9,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_corpus, tiny_overrides
+from conftest import REPO, make_corpus, tiny_overrides, wait_for_lines
 
 ENV = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"} | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -130,12 +129,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches(tmp_path, corpus_file):
     stopped = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={stopped}"],
                             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        metrics = stopped / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.02)
+    wait_for_lines(stopped / "metrics.jsonl", 4)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]

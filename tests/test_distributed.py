@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import REPO, tiny_overrides, wait_for_lines
 from safetensors.torch import load_file
 
 from trainer.distributed import FSDP_VERIFIED, launcher_env
@@ -103,7 +103,6 @@ def test_launcher_environment(monkeypatch):
 
 def test_sigterm_to_the_launcher_leaves_a_loadable_checkpoint(tmp_path, corpus_file):
     import signal
-    import time
 
     from trainer import checkpoint as ckpt_io
 
@@ -114,12 +113,7 @@ def test_sigterm_to_the_launcher_leaves_a_loadable_checkpoint(tmp_path, corpus_f
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
+    wait_for_lines(run_dir / "metrics.jsonl", 3)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert "SIGTERM at step" in out, out[-3000:]

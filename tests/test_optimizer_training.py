@@ -17,7 +17,6 @@ from trainer.run import run
 # (name, extra overrides): every registered optimizer, plus Lookahead wrapping two of them
 VARIANTS = [(name, {}) for name in sorted(load_all())]
 VARIANTS += [("adamw", {"optimizer.lookahead.k": 3}), ("lion", {"optimizer.lookahead.k": 4})]
-VARIANTS = [(n, e) for n, e in VARIANTS if n in load_all()]
 IDS = [n + ("+lookahead" if e else "") for n, e in VARIANTS]
 
 

@@ -46,7 +46,7 @@ def launcher_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def setup(strategy: str, backend: str, timeout_s: int, device: torch.device, **_fsdp_options) -> Dist:
+def setup(strategy: str, backend: str, timeout_s: int, device: torch.device) -> Dist:
     """Join the process group when the run is distributed (`distributed=auto`: whenever the launcher
     started several processes)."""
     rank, world, local_rank = launcher_env()

@@ -39,7 +39,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     from trainer.runtime import pick_device
 
     try:
-        d = distributed.setup(**vars(typed.distributed), device=pick_device(typed.trainer.device))
+        dc = typed.distributed
+        d = distributed.setup(dc.strategy, dc.backend, dc.timeout_s, pick_device(typed.trainer.device))
     except ConfigError as e:
         fail(str(e))
     try:
