@@ -19,6 +19,7 @@ import torch
 from conftest import REPO, tiny_overrides, wait_for_lines
 from safetensors.torch import load_file
 
+from trainer import checkpoint as ckpt_io
 from trainer.distributed import FSDP_VERIFIED, launcher_env
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -39,7 +40,15 @@ def records(run_dir: Path) -> dict[int, dict]:
 
 
 def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
+    """The whole model of a checkpoint; a sharded (FSDP) one is consolidated by scripts/export.py."""
+    ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+    if ckpt_io.is_sharded(ckpt):
+        out = run_dir / f"exported_{step}.safetensors"
+        proc = subprocess.run([sys.executable, str(REPO / "scripts/export.py"), str(ckpt), "--out", str(out)],
+                              env=ENV, capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 0 and "from the sharded checkpoint" in proc.stdout, proc.stderr
+        return load_file(out)
+    return load_file(ckpt / "model.safetensors")
 
 
 def assert_same_run(a: dict[int, dict], b: dict[int, dict], steps, keys=("train/loss", "grad_norm", "val/loss")):
@@ -104,8 +113,6 @@ def test_launcher_environment(monkeypatch):
 def test_sigterm_to_the_launcher_leaves_a_loadable_checkpoint(tmp_path, corpus_file):
     import signal
 
-    from trainer import checkpoint as ckpt_io
-
     overrides = settings(tmp_path, corpus_file, **{"trainer.max_steps": 100000, "trainer.eval_interval": 100000,
                                                    "trainer.ckpt_interval": 100000, "trainer.log_interval": 5,
                                                    "trainer.micro_batch_size": 4})  # fmt: skip
@@ -133,6 +140,11 @@ def test_fsdp_matches_ddp(tmp_path, corpus_file, accum):
     ddp, fsdp = records(tmp_path / "ddp"), records(tmp_path / "fsdp")
     assert sorted(ddp) == sorted(fsdp)
     assert_same_run(ddp, fsdp, range(1, 11))  # includes grad_norm: the sharded norm equals the whole one
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "step_00000010"
+    assert ckpt_io.is_sharded(ckpt) and len(list((ckpt / "sharded").glob("*.distcp"))) == 2  # a file per rank
+    assert not (ckpt / "model.safetensors").exists()
+    sample = [sys.executable, str(REPO / "scripts/sample.py"), str(tmp_path / "fsdp"), "--max-new-tokens", "5"]
+    assert subprocess.run(sample, env=ENV, capture_output=True, text=True).returncode == 0  # reads the shards
     for name, w in weights(tmp_path / "ddp", 10).items():
         torch.testing.assert_close(weights(tmp_path / "fsdp", 10)[name], w, rtol=1e-5, atol=1e-6)
     assert {"config.yaml", "metrics.jsonl", "checkpoints"} <= {p.name for p in (tmp_path / "fsdp").iterdir()}
@@ -149,6 +161,33 @@ def test_fsdp_resume_at_another_world_size(tmp_path, corpus_file, saved_with, re
     overrides = settings(tmp_path, corpus_file, **{"trainer.micro_batch_size": micro[resumed_with]})
     launch([*overrides, *FSDP_FP32, "trainer.resume=auto"], resumed, resumed_with)
     assert_same_run(records(full), records(resumed), range(6, 11))
+
+
+@pytest.mark.parametrize("strategy", ["none", "ddp"])
+def test_sharded_checkpoint_resumes_without_fsdp(tmp_path, corpus_file, strategy):
+    """An FSDP run saved with 2 ranks continues on one process (or under DDP) from its shards."""
+    overrides = settings(tmp_path, corpus_file, **{"trainer.micro_batch_size": 4})
+    full = tmp_path / "full"
+    launch([*overrides, *FSDP_FP32], full, 2)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step_00000005", resumed / "checkpoints" / "step_00000005")
+    if strategy == "none":
+        overrides = settings(tmp_path, corpus_file, **{"trainer.micro_batch_size": 8})
+    launch([*overrides, f"distributed={strategy}", "trainer.resume=auto"], resumed, 2 if strategy == "ddp" else 1)
+    assert_same_run(records(full), records(resumed), range(6, 11))
+    for name, w in weights(full, 10).items():
+        torch.testing.assert_close(weights(resumed, 10)[name], w, rtol=1e-5, atol=1e-6)
+
+
+def test_whole_checkpoint_is_refused_under_fsdp_in_one_line(tmp_path, corpus_file):
+    overrides = settings(tmp_path, corpus_file, **{"trainer.max_steps": 5})
+    launch(overrides, tmp_path / "run", 1)
+    cmd = [sys.executable, str(REPO / "train.py"), *overrides, *FSDP_FP32, "trainer.max_steps=10",
+           "trainer.resume=auto", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "distributed=ddp or distributed=none" in errors[0]
 
 
 def test_fsdp_bf16_mixed_precision_trains(tmp_path, corpus_file):
@@ -193,3 +232,48 @@ def test_compile_under_both_wrappers(tmp_path, corpus_file, strategy):
     assert_same_run(
         records(tmp_path / "eager"), records(tmp_path / "compiled"), range(1, 7), ("train/loss", "grad_norm")
     )
+
+
+@pytest.fixture
+def one_rank_group():
+    """A single-process gloo group, so that FSDP and torch.distributed.checkpoint run in this process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_sharded_save_is_atomic_and_reloads_whole(tmp_path, one_rank_group):
+    from torch.distributed.fsdp import fully_shard
+
+    from models.minigpt import GPTConfig, MiniGPT
+    from trainer.distributed import Dist
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    model = fully_shard(MiniGPT(config))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 64, (2, 16))
+    model(x, x)[1].backward()
+    optimizer.step()
+    root, d = tmp_path / "checkpoints", Dist(strategy="fsdp")
+
+    def crash_after_the_shards(directory):
+        ckpt_io.save_sharded(directory, model, optimizer)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ckpt_io.save_checkpoint(root, 5, crash_after_the_shards, d, keep=2)
+    assert list(root.iterdir()) == []  # neither a half-written step nor its temporary directory
+
+    def write(directory):
+        ckpt_io.save_sharded(directory, model, optimizer)
+        torch.save({"step": 5}, directory / "state.pt")
+
+    ckpt = ckpt_io.save_checkpoint(root, 5, write, d, keep=2)
+    assert ckpt_io.list_checkpoints(root) == [ckpt] and ckpt_io.is_sharded(ckpt)
+    whole = MiniGPT(config)
+    ckpt_io.load_weights(whole, ckpt)  # shards into a plain model
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(whole.state_dict()[name], p.full_tensor(), rtol=0, atol=0)

@@ -17,6 +17,7 @@ from models.minigpt import GPTConfig, MiniGPT
 from trainer import checkpoint as ckpt_io
 from trainer.build import setup_run
 from trainer.config import to_typed
+from trainer.distributed import Dist
 from trainer.errors import ConfigError
 from trainer.loop import train_step
 from trainer.run import run
@@ -155,7 +156,9 @@ def test_failed_checkpoint_write_leaves_the_previous_one(tmp_path, corpus_file, 
     monkeypatch.setattr(ckpt_io.torch, "save", crash)
     model = MiniGPT(GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32))
     with pytest.raises(OSError, match="disk full"):
-        ckpt_io.save_checkpoint(root, 20, model, {"step": 20}, "cfg", None, keep=2)
+        ckpt_io.save_checkpoint(
+            root, 20, lambda tmp: ckpt_io.write_files(tmp, model, {"step": 20}, "cfg", None), Dist(), keep=2
+        )
     monkeypatch.undo()
     assert ckpt_io.list_checkpoints(root) == before  # step 20 never appears half-written
     assert sorted(p.name for p in root.iterdir()) == ["step_00000010"]  # temporary directory removed

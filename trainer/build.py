@@ -17,7 +17,7 @@ from optim.schedules import build_scheduler, constant_scheduler
 from trainer import checkpoint as ckpt_io
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import RandomWindows, build_tokenizer, check_split_sizes, find_corpus, prepare_tokens
-from trainer.distributed import Dist, barrier, checkpoint_blocks, load_full_optimizer_state, local_device, wrap
+from trainer.distributed import Dist, barrier, checkpoint_blocks, local_device, wrap
 from trainer.errors import ConfigError
 from trainer.runtime import autocast, check_precision, grad_scaler, pick_device, seed_everything, set_rng_state
 
@@ -61,9 +61,22 @@ def model_config(cfg: ModelConfig, tokenizer_vocab: int) -> GPTConfig:
 
 
 def optimizer_format(d: Dist) -> str:
-    """How a checkpoint stores optimizer state: FSDP's full state dict (keyed by parameter name) or
-    torch's own `optimizer.state_dict()` (keyed by position)."""
-    return "fqn" if d.strategy == "fsdp" else "torch"
+    """How a checkpoint stores model and optimizer state: sharded by torch.distributed.checkpoint
+    (FSDP), or whole (model.safetensors and torch's own `optimizer.state_dict()`)."""
+    return "dcp" if d.strategy == "fsdp" else "torch"
+
+
+def check_resumable(state: dict, d: Dist, ckpt: Path) -> None:
+    """A sharded checkpoint resumes under any strategy; a whole one holds optimizer state keyed by
+    position, which FSDP's sharded optimizer cannot take."""
+    saved = state.get("optimizer_format")
+    if saved not in ("dcp", "torch"):
+        raise ConfigError(f"checkpoint {ckpt} has an older layout ({saved}): start a new run")
+    if saved == "torch" and d.strategy == "fsdp":
+        raise ConfigError(
+            f"checkpoint {ckpt} was saved without FSDP (whole model and optimizer state): resume it with "
+            f"distributed=ddp or distributed=none"
+        )
 
 
 def prepare_data(cfg: TrainConfig, progress: bool):
@@ -95,9 +108,11 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
     if ckpt is not None:
         state = ckpt_io.load_state(ckpt)
         ckpt_io.check_compatible(state, asdict(gpt_config), tokenizer.identity, ckpt)
+        check_resumable(state, d, ckpt)
+    sharded = state is not None and state["optimizer_format"] == "dcp"
 
     model = MiniGPT(gpt_config).to(device)
-    if state is not None:
+    if state is not None and not sharded:
         ckpt_io.load_weights(model, ckpt)  # into the plain module, before any wrapping
     if t.activation_checkpointing:
         checkpoint_blocks(model)
@@ -121,13 +136,8 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
     hook = build_hook(wrapped, optimizer, cfg.optimizer, hook_ctx)
     start_step, loss_window = 0, (0.0, 0)
     if state is not None:
-        if state.get("optimizer_format", "torch") != optimizer_format(d):
-            raise ConfigError(
-                f"checkpoint {ckpt} holds {state.get('optimizer_format', 'torch')}-format optimizer state: resume "
-                f"it with distributed={'fsdp' if d.strategy != 'fsdp' else 'ddp or none'}"
-            )
-        if d.strategy == "fsdp":
-            load_full_optimizer_state(model, optimizer, state["optimizer"])
+        if sharded:  # weights and optimizer, resliced to this run's ranks (or whole, without FSDP)
+            ckpt_io.load_sharded(ckpt, model, optimizer)
         else:
             optimizer.load_state_dict(state["optimizer"])
         if callable(getattr(optimizer, "train", None)):

@@ -1,14 +1,19 @@
 """Checkpoints: written atomically, read only from files we wrote.
 
 Layout of `<run_dir>/checkpoints/step_00000500/`:
-  model.safetensors   the weights (tied tensors stored once)
-  state.pt            optimizer, scheduler, grad scaler, step, sampler and RNG states (tensors and
-                      plain Python values only, so `torch.load(weights_only=True)` reads it)
+  model.safetensors   the weights (tied tensors stored once)              single process and DDP
+  sharded/            model and optimizer shards, one file per rank       FSDP
+                      (torch.distributed.checkpoint: reloads at any world size)
+  state.pt            scheduler, grad scaler, step, sampler and RNG states, and the optimizer state
+                      when not sharded (tensors and plain Python values only, so
+                      `torch.load(weights_only=True)` reads it)
   config.yaml         the resolved run config
   tokenizer/          the tokenizer the run was trained with
 
-Each checkpoint is written into a temporary sibling directory that is renamed into place only when
-complete, so a kill in the middle of a write leaves the previous checkpoint as the latest one.
+Each checkpoint is written into a temporary sibling directory (every rank writes its shards there)
+that rank 0 renames into place only when all of it is on disk, so a kill in the middle of a write
+leaves the previous checkpoint as the latest one. Under several nodes the run directory must be on a
+shared filesystem.
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 
+from trainer.distributed import Dist, barrier, broadcast
 from trainer.errors import ConfigError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+SHARDED = "sharded"  # the torch.distributed.checkpoint directory inside a checkpoint
 
 
 def _fsync_dir(path: Path) -> None:
@@ -41,29 +49,80 @@ def _fsync_tree(directory: Path) -> None:
         _fsync_dir(path)
 
 
-def save_checkpoint(
-    ckpt_root: Path, step: int, model: torch.nn.Module, state: dict, config_yaml: str, tokenizer, keep: int
-) -> Path:
-    """Write checkpoint `step` atomically and prune all but the newest `keep`."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], d: Dist, keep: int) -> Path:
+    """Write checkpoint `step` atomically and prune all but the newest `keep`. Every rank calls this;
+    `write(tmp)` fills the temporary directory (on every rank, so that each can write its shards)."""
     final = ckpt_root / f"step_{step:08d}"
-    if final.exists():  # this exact step was already saved (e.g. the last step is also an interval step)
+    tmp = None
+    if d.is_main and not final.exists():  # an existing step was already saved (last step = interval step)
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp_step_{step:08d}_", dir=ckpt_root)
+    tmp = broadcast(tmp, d)
+    if tmp is None:
         return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_step_{step:08d}_", dir=ckpt_root))
+    tmp = Path(tmp)
     try:
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        (tmp / "config.yaml").write_text(config_yaml)
-        tokenizer.save(tmp / "tokenizer")
-        _fsync_tree(tmp)
-        os.replace(tmp, final)  # the commit point
-        _fsync_dir(ckpt_root)
+        write(tmp)
+        barrier(d)  # every rank's shards are written
+        if d.is_main:
+            _fsync_tree(tmp)
+            os.replace(tmp, final)  # the commit point
+            _fsync_dir(ckpt_root)
+            for old in list_checkpoints(ckpt_root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(ckpt_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    barrier(d)  # no rank goes on (or reads the checkpoint) before it is committed
     return final
+
+
+def write_files(directory: Path, model: torch.nn.Module | None, state: dict, config_yaml: str, tokenizer) -> None:
+    """What rank 0 writes into a checkpoint: the weights (unless sharded), state, config, tokenizer."""
+    if model is not None:
+        save_model(model, str(directory / "model.safetensors"))
+    torch.save(state, directory / "state.pt")
+    (directory / "config.yaml").write_text(config_yaml)
+    tokenizer.save(directory / "tokenizer")
+
+
+def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """The state dicts torch.distributed.checkpoint reads and writes in place (sharded under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its own shards of the model and optimizer (a collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_dcp_state(model, optimizer), checkpoint_id=directory / SHARDED)
+
+
+def load_sharded(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load a sharded checkpoint into a model (and optimizer) sharded any way, or not at all: the saved
+    shards are resliced to this run's world size. Without a process group it reads everything."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _dcp_state(model, optimizer)
+    dcp.load(state, checkpoint_id=ckpt / SHARDED)
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def has_whole_weights(ckpt: Path) -> bool:
+    return (ckpt / "model.safetensors").exists()
+
+
+def is_sharded(ckpt: Path) -> bool:
+    return (ckpt / SHARDED / ".metadata").exists()
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -71,7 +130,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     if not ckpt_root.is_dir():
         return []
     found = [p for p in ckpt_root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-    return sorted(p for p in found if (p / "state.pt").exists() and (p / "model.safetensors").exists())
+    return sorted(p for p in found if (p / "state.pt").exists() and (has_whole_weights(p) or is_sharded(p)))
 
 
 def remove_stale_temporaries(ckpt_root: Path) -> None:
@@ -104,7 +163,11 @@ def load_state(ckpt: Path) -> dict:
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    load_model(model, str(ckpt / "model.safetensors"))
+    """The weights of either kind of checkpoint into a plain (unwrapped) model."""
+    if has_whole_weights(ckpt):
+        load_model(model, str(ckpt / "model.safetensors"))
+    else:
+        load_sharded(ckpt, model)
 
 
 def check_compatible(state: dict, model_config: dict, tokenizer_identity: str, ckpt: Path) -> None:

@@ -18,11 +18,10 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from models.minigpt import MiniGPT
 from trainer import checkpoint as ckpt_io
 from trainer.build import Run, optimizer_format
 from trainer.data import RandomWindows
-from trainer.distributed import any_rank, barrier, full_state, grad_sync, mean_over_ranks
+from trainer.distributed import any_rank, grad_sync, mean_over_ranks
 from trainer.metrics import MetricsLogger
 from trainer.runtime import StopSignal, autocast, rng_state
 
@@ -104,31 +103,29 @@ def evaluate(run: Run) -> float:
 
 
 def save(run: Run, step: int, loss_window: tuple[float, int]) -> None:
+    """A checkpoint (every rank calls this): under FSDP each rank writes its shards, otherwise rank 0
+    writes the whole model, which every rank holds."""
+    d, sharded = run.dist, run.dist.strategy == "fsdp"
     # Inside eval mode, a schedule-free optimizer saves the averaged weights x and records eval mode
     # in its state, so that `optimizer.train()` after loading restores the training iterate exactly.
     with optimizer_eval_mode(run.optimizer):
-        model, optimizer_state = run.model, None
-        if run.dist.strategy == "fsdp":  # gather the shards (every rank takes part), rank 0 writes
-            model_state, optimizer_state = full_state(run.model, run.optimizer)
-            if run.dist.is_main:
-                model = MiniGPT(run.model.config)
-                model.load_state_dict(model_state)
-        if not run.dist.is_main:  # the model is replicated (DDP) or gathered (FSDP): rank 0 writes it
-            barrier(run.dist)
-            return
-        state = {
-            "format": 1, "step": step, "optimizer": optimizer_state or run.optimizer.state_dict(),
-            "optimizer_format": optimizer_format(run.dist),
-            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
-            "sampler": run.train_windows.state_dict(), "rng": rng_state(run.device),
-            "loss_window": list(loss_window), "model_config": vars(run.model.config).copy(),
-            "tokenizer": run.tokenizer.identity,
-        }  # fmt: skip
-        path = ckpt_io.save_checkpoint(
-            run.run_dir / "checkpoints", step, model, state, OmegaConf.to_yaml(run.cfg), run.tokenizer,
-            run.cfg.trainer.keep_checkpoints,
-        )  # fmt: skip
-    barrier(run.dist)
+
+        def write(directory):
+            if sharded:
+                ckpt_io.save_sharded(directory, run.model, run.optimizer)
+            if d.is_main:
+                state = {
+                    "format": 1, "step": step, "optimizer_format": optimizer_format(d),
+                    "optimizer": None if sharded else run.optimizer.state_dict(),
+                    "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+                    "sampler": run.train_windows.state_dict(), "rng": rng_state(run.device),
+                    "loss_window": list(loss_window), "model_config": vars(run.model.config).copy(),
+                    "tokenizer": run.tokenizer.identity,
+                }  # fmt: skip
+                model = None if sharded else run.model
+                ckpt_io.write_files(directory, model, state, OmegaConf.to_yaml(run.cfg), run.tokenizer)
+
+        path = ckpt_io.save_checkpoint(run.run_dir / "checkpoints", step, write, d, run.cfg.trainer.keep_checkpoints)
     log.info("step %d: checkpoint %s", step, path)
 
 
