@@ -25,9 +25,9 @@ are folded into scalars, which changes rounding in the last bits:
 State per parameter: `step` (a float32 CPU scalar tensor, as in torch.optim.Adam), `exp_avg` (m) and
 `exp_avg_var` (s), tensors like the parameter.
 
-Cost: ten foreach ops through one temporary list (g - m, later reused for the denominator), about 27
-passes over parameter-sized memory against the 7 of one fused AdamW kernel. The gradients are not
-modified.
+Cost: nine foreach ops and two temporary lists alive one at a time (g - m, then the denominator),
+about 25 passes over parameter-sized memory against the 7 of one fused AdamW kernel. The gradients are
+not modified. Every op has a DTensor rule, so it runs on FSDP2's sharded parameters unchanged.
 """
 
 from __future__ import annotations
@@ -118,11 +118,12 @@ def _adabelief_foreach(
     torch._foreach_addcmul_(exp_avg_vars, tmp, tmp, value=1.0 - beta2)
     torch._foreach_add_(exp_avg_vars, eps)
 
-    # Denominator sqrt(s) + eps * sqrt(bc2), written over the same temporary.
-    torch._foreach_copy_(tmp, exp_avg_vars)
-    torch._foreach_sqrt_(tmp)
-    torch._foreach_add_(tmp, eps * bias_correction2_sqrt)
-    torch._foreach_addcdiv_(params, exp_avgs, tmp, value=-lr * bias_correction2_sqrt / bias_correction1)
+    # Denominator sqrt(s) + eps * sqrt(bc2), in a new list once the first temporary is freed. (Not
+    # _foreach_copy_ into it and sqrt in place: DTensor, FSDP2's parameters, has no rule for that op.)
+    del tmp
+    denom = torch._foreach_sqrt(exp_avg_vars)
+    torch._foreach_add_(denom, eps * bias_correction2_sqrt)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr * bias_correction2_sqrt / bias_correction1)
 
 
 # ---- registration in the trainer's optimizer zoo ---------------------------------------------------

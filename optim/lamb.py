@@ -35,6 +35,8 @@ scratch list x that starts at -wd * p: one pass updates m and v and leaves x = -
 `_foreach_norm`s give the per-tensor trust ratios (kept on the device: no host sync), and one
 `_foreach_addcmul_` applies p += lr * trust_ratio * x. One temporary list (x) per step; the gradients
 are not modified. Bias corrections are per tensor (from each tensor's own step), as in the paper.
+Under FSDP2 each rank holds shards (DTensors): the norms of a sharded tensor are all-reduced over the
+ranks, so the trust ratio is still the whole tensor's (tested against one process).
 
 State per parameter: `step` (a float32 scalar tensor on the parameter's device, as in torch's fused
 Adam), `exp_avg` (m) and `exp_avg_sq` (v), tensors like the parameter.
