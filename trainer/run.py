@@ -6,6 +6,7 @@ Bad input surfaces as ConfigError anywhere before the first step and is reported
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -19,6 +20,35 @@ from trainer.config import TrainConfig, to_typed
 from trainer.errors import ConfigError
 
 log = logging.getLogger("trainer")
+
+
+# A collective that lost its peer (gloo, NCCL): the error is another rank's, reported by that rank.
+PEER_LOST = ("closed by peer", "reset by peer", "remote worker", "remote process", "communicator was aborted")
+
+
+def _first_line(e: Exception) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def elastic_restart(d) -> int:
+    """How many times torchrun (--max-restarts) has restarted the workers; 0 on the first attempt. torchrun
+    counts per node (a node restarted because another one failed does not count it): every rank takes the
+    largest count, so that all of them make the same choice."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if d.enabled:
+        import torch.distributed as torch_dist
+
+        counts = [0] * d.world_size
+        torch_dist.all_gather_object(counts, restart)
+        restart = max(counts)
+    return restart
+
+
+def restarts_share_the_store(env=os.environ) -> bool:
+    """torchrun may restart the workers, and they join the process group through torchrun's own TCPStore,
+    which keeps the failed attempt's addresses: restarted workers can then fail or hang in
+    init_process_group (pytorch#135712). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun avoids it."""
+    return int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -48,8 +78,12 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     except ConfigError as e:
         fail(str(e) if not d.enabled else f"(rank {d.rank}) {e}")
     except Exception as e:  # under several processes, say which one failed; the launcher stops the rest
-        if d.enabled:
-            log.error("rank %d failed: %s: %s", d.rank, type(e).__name__, e)
+        if not d.enabled:
+            raise
+        if any(marker in str(e).lower() for marker in PEER_LOST):  # a peer failed first and said why
+            log.error("rank %d stopped: another rank failed or exited (see its error): %s", d.rank, _first_line(e))
+            sys.exit(1)  # this rank's traceback would only bury the real error
+        log.error("rank %d failed: %s: %s", d.rank, type(e).__name__, e)
         raise
     finally:
         distributed.teardown(d)
@@ -68,11 +102,21 @@ def _train(cfg: DictConfig, typed: TrainConfig, run_dir: Path, d) -> float | Non
         if not d.is_main:
             logging.getLogger().setLevel(logging.WARNING)  # the console and train.log are rank 0's
     run_dir.mkdir(parents=True, exist_ok=True)
+    if d.is_main and restarts_share_the_store():
+        log.warning(
+            "torchrun --max-restarts: launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, or restarted workers can "
+            "fail or hang joining the process group (torchrun's shared store keeps the failed attempt's addresses)"
+        )
+    restart = elastic_restart(d)
+    if restart:
+        _continue_after_restart(cfg, typed, run_dir, restart, d.is_main)
     r = setup_run(typed, run_dir, d)
     config_dict = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if d.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        metrics = MetricsLogger(run_dir, typed.logger.wandb, config_dict, r.start_step if r.resumed_from else None)
+        # A restart that found no checkpoint trains again from step 0: drop the failed attempt's records.
+        resume_step = r.start_step if r.resumed_from else (-1 if restart else None)
+        metrics = MetricsLogger(run_dir, typed.logger.wandb, config_dict, resume_step)
     else:
         metrics = NullMetrics()
     try:
@@ -101,3 +145,21 @@ def _train(cfg: DictConfig, typed: TrainConfig, run_dir: Path, d) -> float | Non
         return result.val_loss
     finally:
         metrics.close()
+
+
+def _continue_after_restart(cfg: DictConfig, typed: TrainConfig, run_dir: Path, restart: int, is_main: bool) -> None:
+    """torchrun restarted the workers after a failure: continue from the newest checkpoint of this run
+    directory, whatever trainer.resume says (it may name the checkpoint the first attempt started from)."""
+    from trainer import checkpoint as ckpt_io
+
+    if ckpt_io.list_checkpoints(run_dir / "checkpoints"):
+        if typed.trainer.resume != "auto":
+            log.info("elastic restart %d: continuing from the newest checkpoint in %s", restart, run_dir)
+        typed.trainer.resume = cfg.trainer.resume = "auto"  # config.yaml records what ran
+    elif is_main:
+        log.warning(
+            "elastic restart %d: no checkpoint in %s, so training starts again from step 0 (if the failed attempt "
+            "saved one, it is elsewhere: Hydra's default run directory is new at each launch; pass hydra.run.dir)",
+            restart,
+            run_dir,
+        )
