@@ -41,6 +41,8 @@ import torch
 
 from optim._foreach import CheckedOptimizer
 from optim.builder import BuildContext, OptimizerConfig, param_groups, per_param, register
+from optim.stats import Reducer, StatsContext
+from optim.torch_optimizers import adam_moment_stats
 
 
 class AdaBelief(CheckedOptimizer):
@@ -135,6 +137,21 @@ class AdaBeliefConfig(OptimizerConfig):
     eps: float = 1e-16
 
 
-@register("adabelief", AdaBeliefConfig, "ours (optim/adabelief.py)", per_param(8))
+def adabelief_stats(ctx: StatsContext, out: Reducer) -> None:
+    """AdaBelief: Adam's statistics with the belief s (exp_avg_var, the EMA of (g - m)^2 + eps) in v's place.
+
+    m_norm, s_norm        ||m|| and ||s|| over all parameters.
+    s/min|median|max      spread of s over coordinates. Small s: the gradient agrees with its prediction
+                          m, so AdaBelief takes a large step there (unlike Adam, whose v counts g^2 whatever
+                          its direction); large s: the gradient deviates from m, so the step is small.
+    step_size/min|median|max  the per-coordinate multiplier of m in the update, as the step computes it:
+                          lr / (1 - beta1^t) / (sqrt(s) / sqrt(1 - beta2^t) + eps). Its max is bounded by
+                          s >= eps: a median close to the max means s has collapsed to its floor.
+    """
+    params, ms = ctx.state("exp_avg")
+    adam_moment_stats(ctx, out, params, ms, ctx.state("exp_avg_var")[1], v_name="s")
+
+
+@register("adabelief", AdaBeliefConfig, "ours (optim/adabelief.py)", per_param(8), stats=adabelief_stats)
 def _build(model: torch.nn.Module, cfg: AdaBeliefConfig, ctx: BuildContext) -> AdaBelief:
     return AdaBelief(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)

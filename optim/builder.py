@@ -12,6 +12,7 @@ and linear lr scaling with the global batch (`optimizer.scale_lr`).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import pkgutil
@@ -61,6 +62,10 @@ class OptimizerSpec:
     # Optional per-step hook factory: (model, optimizer, cfg, HookContext) -> hook(step)
     hook: Callable | None = None
     needs_constant_schedule: bool = False  # the optimizer replaces the lr schedule
+    # The family's statistics, logged under opt/ every trainer.stats_interval steps: fn(StatsContext,
+    # Reducer) (optim/stats.py). stats_previous_update: the statistics compare with the previous step's update.
+    stats: Callable | None = None
+    stats_previous_update: bool = False
 
 
 @dataclass
@@ -218,3 +223,15 @@ def state_bytes_measured(optimizer: torch.optim.Optimizer) -> int:
 
     state = optimizer.state_dict()
     return walk({k: v for k, v in state.items() if k != "param_groups"})
+
+
+def family_stats(cfg: OptimizerConfig) -> tuple[Callable | None, bool]:
+    """The statistics function of the configured optimizer (optim/stats.py) and whether it compares with
+    the previous step's update. With Lookahead: the inner optimizer's statistics plus the fast/slow distance
+    (optim/lookahead.py:lookahead_stats)."""
+    spec = load_all()[cfg.name]
+    if cfg.lookahead.k is None:
+        return spec.stats, spec.stats_previous_update
+    from optim.lookahead import lookahead_stats
+
+    return functools.partial(lookahead_stats, inner=spec.stats), spec.stats_previous_update

@@ -56,6 +56,7 @@ import torch
 
 from optim._foreach import CheckedOptimizer
 from optim.builder import BuildContext, OptimizerConfig, param_groups, per_param, register
+from optim.stats import Reducer, StatsContext, local
 
 
 class Lamb(CheckedOptimizer):
@@ -137,6 +138,33 @@ class LambConfig(OptimizerConfig):
     eps: float = 1e-6
 
 
-@register("lamb", LambConfig, "ours (optim/lamb.py)", per_param(8))
+def lamb_stats(ctx: StatsContext, out: Reducer) -> None:
+    """LAMB's trust ratios ||p|| / ||r||, one per tensor, exactly as this step used them: r is rebuilt from
+    the updated m and v and the parameter before the step (norms summed over shards before the ratio).
+
+    trust_ratio/min|median|max|mean  over tensors (exact, not binned). The ratio turns lr into a step
+    relative to each tensor's norm (||update|| = lr * ||p||), so it is large for tensors whose Adam
+    direction is small relative to their weights (often norms and biases) and small for fast-moving
+    ones. A max far above the median: one tensor takes much larger steps in Adam units than the rest;
+    ratios that shrink towards 0 over training: the weights stopped growing while Adam's r did not.
+    """
+    params, ms = ctx.state("exp_avg")
+    for k, (p, i, m) in enumerate(zip(params, ctx.positions(params), ms, strict=True)):
+        group, state = ctx.group_of(p), ctx.optimizer.state[p]
+        (beta1, beta2), t, before = group["betas"], local(state["step"]), ctx.before[i].float()
+        denom = local(state["exp_avg_sq"]).sqrt() / (1 - beta2**t).sqrt() + group["eps"]
+        r = local(m) / (1 - beta1**t) / denom + group["weight_decay"] * before
+        out.add_sum(f"_sq/p/{k}", before.square().sum())
+        out.add_sum(f"_sq/r/{k}", r.square().sum())
+
+    def ratios(v: dict) -> list[float]:
+        pairs = [(v[f"_sq/p/{k}"], v[f"_sq/r/{k}"]) for k in range(len(params))]
+        return [(a / b) ** 0.5 if a > 0 and b > 0 else 1.0 for a, b in pairs]
+
+    out.spread_of("trust_ratio", ratios)
+    out.derive("trust_ratio/mean", lambda v: sum(ratios(v)) / max(len(params), 1))
+
+
+@register("lamb", LambConfig, "ours (optim/lamb.py)", per_param(8), stats=lamb_stats)
 def _build(model: torch.nn.Module, cfg: LambConfig, ctx: BuildContext) -> Lamb:
     return Lamb(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)

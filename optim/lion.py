@@ -38,6 +38,7 @@ import torch
 
 from optim._foreach import CheckedOptimizer
 from optim.builder import BuildContext, OptimizerConfig, param_groups, per_param, register
+from optim.stats import Reducer, StatsContext, local
 
 
 class Lion(CheckedOptimizer):
@@ -101,6 +102,26 @@ class LionConfig(OptimizerConfig):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
 
 
-@register("lion", LionConfig, "ours (optim/lion.py)", per_param(4))
+def lion_stats(ctx: StatsContext, out: Reducer) -> None:
+    """Lion moves every coordinate by exactly lr (plus decay), so what matters is the direction.
+
+    m_norm          ||m|| (exp_avg, the slow beta2 momentum) over all parameters.
+    sign_agreement  fraction of coordinates whose update has the sign of -g (update * g < 0; a zero
+                    gradient counts as disagreeing). Read from the parameter change, so decoupled weight
+                    decay is included (it flips a sign only where wd * |p| > 1). 1: Lion follows this
+                    gradient's signs; ~0.5: the momentum, not this gradient, sets the direction.
+    flip_rate       fraction of coordinates whose update changed sign since the previous step (needs the
+                    previous step's update: registered with stats_previous_update). Near 0: steady
+                    directions; near 0.5: the update direction is noise (sign(m) jitters around 0), and
+                    every step is a +-lr random walk, so lr may be too high for this batch size.
+    """
+    out.norm("m_norm", ctx.state("exp_avg")[1])
+    where = [i for i, g in enumerate(ctx.grads) if g is not None]
+    out.fraction("sign_agreement", [ctx.updates[i] * local(ctx.grads[i]) < 0 for i in where])
+    if ctx.previous_updates is not None:
+        out.fraction("flip_rate", [u * w < 0 for u, w in zip(ctx.updates, ctx.previous_updates, strict=True)])
+
+
+@register("lion", LionConfig, "ours (optim/lion.py)", per_param(4), stats=lion_stats, stats_previous_update=True)
 def _build(model: torch.nn.Module, cfg: LionConfig, ctx: BuildContext) -> Lion:
     return Lion(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))

@@ -28,9 +28,13 @@ state_dict() = {"inner": inner.state_dict(), "lookahead": {"k", "alpha", "counte
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch.optim import Optimizer
+
+from optim.stats import Reducer, StatsContext, local
 
 _PASSTHROUGH = ("train", "eval", "update_hessian")
 
@@ -147,3 +151,23 @@ class Lookahead(Optimizer):
         for p, s in zip(params, slow, strict=True):
             self.state[p]["slow_param"] = s.detach().to(device=p.device, dtype=p.dtype, copy=True)
         self._counter = int(saved["counter"])
+
+
+def lookahead_stats(ctx: StatsContext, out: Reducer, inner: Callable | None = None) -> None:
+    """The inner optimizer's family statistics `inner` (read on the inner optimizer), plus:
+
+    fast_slow_distance  ||theta - phi|| over all parameters: how far the fast weights have moved from the
+                        slow ones since the last synchronisation. 0 right after one (every k-th step), so a
+                        stats_interval that is a multiple of k always reads 0: choose one that is not.
+    fast_slow_rel       fast_slow_distance / ||phi||.
+    steps_since_sync    inner steps since the last synchronisation (0 to k - 1), to read the distance by.
+    Statistics of the inner family that read the parameter change (Lion's sign agreement and flip rate,
+    Muon's orthogonalised update, SGD's descent_cos) include the pull-back on a synchronisation step.
+    """
+    if inner is not None:
+        inner(replace(ctx, optimizer=ctx.optimizer.inner), out)
+    params, slow = ctx.state("slow_param")
+    out.norm("fast_slow_distance", (local(p).float() - local(s).float() for p, s in zip(params, slow, strict=True)))
+    out.sum_of("_sq/slow", slow, lambda x: x * x)
+    out.derive("fast_slow_rel", lambda v: v["fast_slow_distance"] / v["_sq/slow"] ** 0.5 if v["_sq/slow"] > 0 else 0.0)
+    out.derive("steps_since_sync", lambda v, n=ctx.optimizer._counter: float(n))

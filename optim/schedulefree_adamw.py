@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from optim.builder import BuildContext, OptimizerConfig, param_groups, per_param, register
+from optim.stats import Reducer, StatsContext, local
 
 
 @dataclass
@@ -25,9 +26,36 @@ class ScheduleFreeConfig(OptimizerConfig):
     weight_lr_power: float = 2.0  # weight of each iterate in the average: lr_max ** weight_lr_power
 
 
+def schedulefree_stats(ctx: StatsContext, out: Reducer) -> None:
+    """Schedule-free AdamW in train mode: the model's parameters are y, the optimizer keeps z (the fast,
+    SGD-like iterate) and v; the evaluated average x = y + (1 - 1/beta1) (z - y) lies on the same line.
+
+    yz_gap             ||y - z|| over all parameters: how far the fast iterate has run ahead of the point
+                       where gradients are taken. It grows with lr and shrinks as the average catches up;
+                       a gap that keeps growing while the loss stalls suggests lr is too high.
+    yz_gap_rel         yz_gap / ||y||.
+    v/min|median|max   spread of v (exp_avg_sq) over coordinates.
+    step_size/min|median|max  the per-coordinate multiplier of g in z's step: scheduled lr (warmup
+                       included) / (sqrt(v / (1 - beta2^k)) + eps).
+    """
+    params, zs = ctx.state("z")
+    vs = ctx.state("exp_avg_sq")[1]
+    out.norm("yz_gap", (local(p).float() - local(z).float() for p, z in zip(params, zs, strict=True)))
+    out.sum_of("_sq/y", params, lambda x: x * x)
+    out.derive("yz_gap_rel", lambda v: v["yz_gap"] / v["_sq/y"] ** 0.5 if v["_sq/y"] > 0 else float("nan"))
+    out.spread("v", vs)
+
+    def step_size(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        group = ctx.group_of(p)  # group["k"] counts the steps taken, this one included
+        denom = (local(v) / (1 - group["betas"][1] ** group["k"])).sqrt() + group["eps"]
+        return group["scheduled_lr"] / denom
+
+    out.spread("step_size", (step_size(p, v) for p, v in zip(params, vs, strict=True)))
+
+
 @register(
     "schedulefree_adamw", ScheduleFreeConfig, "schedulefree.AdamWScheduleFree", per_param(8),
-    needs_constant_schedule=True,
+    needs_constant_schedule=True, stats=schedulefree_stats,
 )  # fmt: skip
 def _schedulefree_adamw(model: nn.Module, cfg: ScheduleFreeConfig, ctx: BuildContext) -> torch.optim.Optimizer:
     from schedulefree import AdamWScheduleFree

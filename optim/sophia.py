@@ -56,6 +56,7 @@ from torch.optim import Optimizer
 
 from optim._foreach import CheckedOptimizer
 from optim.builder import BuildContext, HookContext, OptimizerConfig, param_groups, per_param, register
+from optim.stats import Reducer, StatsContext, local
 
 _EPS = 1e-15  # the reference's constant in the denominator
 
@@ -223,7 +224,29 @@ def _hessian_hook(model: nn.Module, optimizer: Optimizer, cfg: SophiaConfig, ctx
     return hook
 
 
-@register("sophia", SophiaConfig, "ours (optim/sophia.py)", per_param(8), hook=_hessian_hook)
+def sophia_stats(ctx: StatsContext, out: Reducer) -> None:
+    """SophiaG: the momentum, the diagonal Hessian estimate h, and how often the clip decides the step.
+
+    m_norm                ||m|| (exp_avg) over all parameters.
+    hessian_norm          ||h|| over all parameters. 0 until the first Gauss-Newton-Bartlett refresh.
+    hessian/min|median|max  spread of h over coordinates (refreshed every hessian_interval steps).
+    clipped_fraction      fraction of coordinates where |m| >= rho * bs * h + 1e-15, i.e. where the step is
+                          the clipped lr * sign(m) rather than the Newton-like lr * m / (rho * bs * h). 1 before
+                          the first refresh (Sophia is then sign descent with momentum). Near 1 throughout:
+                          rho * bs * h is small next to |m| and Sophia acts like Lion; near 0: every step is
+                          the curvature-scaled one, usually much smaller than lr (rho too large).
+    """
+    params, ms = ctx.state("exp_avg")
+    hs = ctx.state("hessian")[1]
+    out.norm("m_norm", ms)
+    out.norm("hessian_norm", hs)
+    out.spread("hessian", hs)
+    scales = [ctx.group_of(p)["rho"] * ctx.group_of(p)["bs"] for p in params]
+    clipped = [local(m).abs() >= local(h) * s + _EPS for m, h, s in zip(ms, hs, scales, strict=True)]
+    out.fraction("clipped_fraction", clipped)
+
+
+@register("sophia", SophiaConfig, "ours (optim/sophia.py)", per_param(8), hook=_hessian_hook, stats=sophia_stats)
 def _build(model: nn.Module, cfg: SophiaConfig, ctx: BuildContext) -> SophiaG:
     return SophiaG(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), rho=cfg.rho,

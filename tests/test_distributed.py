@@ -8,6 +8,7 @@ world size resumes at another and continues the same curve.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -258,3 +259,31 @@ def test_sharded_save_is_atomic_and_reloads_whole(tmp_path, one_rank_group):
     ckpt_io.load_weights(whole, ckpt)  # shards into a plain model
     for name, p in model.state_dict().items():
         torch.testing.assert_close(whole.state_dict()[name], p.full_tensor(), rtol=0, atol=0)
+
+
+STATS_PREFIXES = ("grad/", "param/", "update/", "opt/")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lion"])
+def test_statistics_under_fsdp_describe_the_whole_model(tmp_path, corpus_file, optimizer):
+    """Per-layer and optimizer-state statistics of an FSDP run equal those of one process."""
+    extra = {"trainer.max_steps": 10, "trainer.stats_interval": 5, "optimizer": optimizer}
+    launch(settings(tmp_path, corpus_file, **{**extra, "trainer.micro_batch_size": 8}), tmp_path / "one", 1)
+    launch([*settings(tmp_path, corpus_file, **{**extra, "trainer.micro_batch_size": 4}), *FSDP_FP32],
+           tmp_path / "fsdp", 2)  # fmt: skip
+    one, fsdp = records(tmp_path / "one"), records(tmp_path / "fsdp")
+    for step in (5, 10):
+        keys = [k for k in one[step] if k.startswith(STATS_PREFIXES) and not k.endswith("/by_layer")]
+        assert len(keys) > 40 and set(keys) <= set(fsdp[step])
+        for key in keys:
+            a, b = one[step][key], fsdp[step][key]
+            if key.endswith("/median"):  # from a histogram: the same bin, or the next one over rounding
+                assert abs(math.log10(a / b)) <= 1 / 16 + 1e-9, (step, key, a, b)
+            elif "ratio_log10" in key:
+                assert abs(a - b) < 1e-4, (step, key, a, b)
+            elif any(word in key for word in ("agreement", "fraction", "flip_rate")):
+                # Sign counts: the attention key bias's gradient is rounding noise (it cannot change the
+                # loss), so the signs of its 2 x 32 elements (0.2% of the model) may differ.
+                assert abs(a - b) <= 2.5e-3, (step, key, a, b)
+            else:
+                assert abs(a - b) <= 1e-4 * abs(a) + 1e-7, (step, key, a, b)

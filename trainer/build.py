@@ -15,9 +15,10 @@ from models.minigpt import GPTConfig, MiniGPT
 from optim.builder import BuildContext, HookContext, build_hook, build_optimizer, load_all
 from optim.schedules import build_scheduler, constant_scheduler
 from trainer import checkpoint as ckpt_io
+from trainer.anomaly import AnomalyGuard
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import RandomWindows, build_tokenizer, check_split_sizes, find_corpus, prepare_tokens
-from trainer.distributed import Dist, barrier, checkpoint_blocks, local_device, wrap
+from trainer.distributed import Dist, barrier, checkpoint_blocks, local_device, max_over_ranks, wrap
 from trainer.errors import ConfigError
 from trainer.runtime import autocast, check_precision, grad_scaler, pick_device, seed_everything, set_rng_state
 
@@ -43,6 +44,7 @@ class Run:
     start_step: int  # optimizer steps already done (0, or the resumed checkpoint's step)
     resumed_from: Path | None
     loss_window: tuple[float, int]  # (sum, count) of train losses since the last log step
+    anomaly: AnomalyGuard  # non-finite steps, gradient explosions, loss spikes (trainer/anomaly.py)
 
 
 def model_config(cfg: ModelConfig, tokenizer_vocab: int) -> GPTConfig:
@@ -134,6 +136,8 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
     windows = RandomWindows(splits.train, seq_len, t.micro_batch_size, t.seed, device, d.rank, d.world_size)
     hook_ctx = HookContext(windows.peek, autocast(t.precision, device), t.grad_accum_steps, t.grad_clip)
     hook = build_hook(wrapped, optimizer, cfg.optimizer, hook_ctx)
+    reduce_max = (lambda flags: max_over_ranks(flags, d)) if d.enabled else None
+    guard = AnomalyGuard(t.anomaly, device, fp16=t.precision.value == "fp16", reduce_max=reduce_max)
     start_step, loss_window = 0, (0.0, 0)
     if state is not None:
         if sharded:  # weights and optimizer, resliced to this run's ranks (or whole, without FSDP)
@@ -147,6 +151,8 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
         windows.load_state_dict(state["sampler"])
         set_rng_state(state["rng"], device)
         start_step, loss_window = state["step"], tuple(state["loss_window"])
+        if "anomaly" in state:
+            guard.load_state_dict(state["anomaly"])
         del state  # drop the loaded optimizer tensors: they are copied into the optimizer now
         log.info("resumed from %s at step %d", ckpt, start_step)
         if start_step >= t.max_steps:
@@ -165,5 +171,5 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
         cfg=cfg, run_dir=run_dir, device=device, model=model, step_model=step_model, optimizer=optimizer,
         scheduler=scheduler, optimizer_hook=hook, scaler=scaler, train_windows=windows, val_tokens=splits.val,
         tokenizer=tokenizer, seq_len=seq_len, start_step=start_step, resumed_from=ckpt, loss_window=loss_window,
-        dist=d,
+        dist=d, anomaly=guard,
     )  # fmt: skip

@@ -25,6 +25,25 @@ class Precision(str, Enum):
     fp32 = "fp32"
 
 
+class AnomalyAction(str, Enum):
+    warn = "warn"
+    skip = "skip"
+    stop = "stop"
+
+
+@dataclass
+class AnomalyConfig:
+    """What to do about bad steps (trainer/anomaly.py): warn | skip | stop."""
+
+    nonfinite: AnomalyAction = AnomalyAction.skip  # inf/NaN loss or gradient norm
+    grad_explosion: AnomalyAction = AnomalyAction.warn  # grad norm > grad_explosion_factor x its running median
+    grad_explosion_factor: float = 10.0
+    loss_spike: AnomalyAction = AnomalyAction.warn  # loss z-score against its running mean and variance
+    loss_spike_zscore: float = 6.0
+    window: int = 100  # steps behind the running median, mean and variance
+    max_consecutive_skips: int = 5  # then stop
+
+
 class DeviceKind(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -104,6 +123,9 @@ class TrainerConfig:
     sample_temperature: float = 0.8
     sample_top_k: int = 40
     progress: bool = True
+    stats_interval: int = 100  # per-layer and optimizer-state statistics every N steps (a multiple of
+    # log_interval); 0 = off
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
 
 
 @dataclass
@@ -210,6 +232,18 @@ def validate(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
+    if t.stats_interval < 0 or t.stats_interval % t.log_interval:
+        raise ConfigError(
+            f"trainer.stats_interval={t.stats_interval} must be a multiple of trainer.log_interval="
+            f"{t.log_interval} (statistics are read at log steps), or 0 to turn them off"
+        )
+    an = t.anomaly
+    if an.window < 4 or an.max_consecutive_skips < 1 or an.grad_explosion_factor <= 1 or an.loss_spike_zscore <= 0:
+        raise ConfigError(
+            "trainer.anomaly needs window >= 4, max_consecutive_skips >= 1, grad_explosion_factor > 1 and "
+            f"loss_spike_zscore > 0 (got {an.window}, {an.max_consecutive_skips}, {an.grad_explosion_factor}, "
+            f"{an.loss_spike_zscore})"
+        )
     if m.n_embd % m.n_head:
         raise ConfigError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
     if m.pos_emb == "rope" and (m.n_embd // m.n_head) % 2:

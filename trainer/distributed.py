@@ -163,6 +163,13 @@ def mean_over_ranks(value: torch.Tensor, d: Dist) -> torch.Tensor:
     return value
 
 
+def max_over_ranks(values: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The element-wise maximum over ranks (a collective)."""
+    values = values.detach().clone()
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
     """True on every rank when it is true on any (so that all ranks stop at the same step)."""
     if not d.enabled:

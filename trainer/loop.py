@@ -10,7 +10,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,12 +18,15 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from optim.builder import family_stats
 from trainer import checkpoint as ckpt_io
 from trainer.build import Run, optimizer_format
 from trainer.data import RandomWindows
 from trainer.distributed import any_rank, grad_sync, mean_over_ranks
 from trainer.metrics import MetricsLogger
+from trainer.perf import peak_tflops, perf_record
 from trainer.runtime import StopSignal, autocast, rng_state
+from trainer.stats import StatsProbe
 
 log = logging.getLogger(__name__)
 VAL_SEED = 0  # every evaluation reads the same validation windows, so evals compare like with like
@@ -34,6 +37,7 @@ class FitResult:
     step: int
     val_loss: float | None
     interrupted_by: int | None  # the signal number when stopped early
+    anomaly: str | None = None  # why trainer.anomaly stopped the run
 
 
 def train_step(
@@ -46,11 +50,14 @@ def train_step(
     params: Sequence[torch.nn.Parameter],
     grad_clip: float = 0.0,
     grad_clip_value: float = 0.0,
+    allow: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
+    probe: StatsProbe | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over n_micro micro-batches. Returns (mean loss, pre-clip global grad norm).
 
     Each micro-batch loss is divided by n_micro, so the summed gradients equal the gradient of the
-    mean loss over the whole batch, as if it had been one batch.
+    mean loss over the whole batch, as if it had been one batch. `allow(loss, norm)` may veto the
+    optimizer step (trainer/anomaly.py); `probe` watches it (trainer/stats.py).
     """
     total = torch.zeros((), device=params[0].device)
     for i, (x, y) in enumerate(micro_batches):
@@ -59,19 +66,25 @@ def train_step(
                 _, loss = model(x, y)
             scaler.scale(loss / n_micro).backward()
         total += loss.detach()
+    loss = total / n_micro
     scaler.unscale_(optimizer)  # no-op unless fp16
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-    if grad_clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
-    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor over the shards; its full value is the global norm
-        norm = norm.full_tensor()
-    if grad_clip_value > 0:
-        torch.nn.utils.clip_grad_value_(params, grad_clip_value, foreach=True)
-    scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
+    # FSDP: a DTensor over the shards (clipping takes it as it is); its full value is the global norm
+    full_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if allow is None or allow(loss, full_norm):
+        if grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
+        if grad_clip_value > 0:
+            torch.nn.utils.clip_grad_value_(params, grad_clip_value, foreach=True)
+        if probe is not None:
+            probe.before_step()
+        scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
+        if probe is not None:
+            probe.after_step()
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total / n_micro, norm
+    return loss, full_norm
 
 
 @contextlib.contextmanager
@@ -120,6 +133,7 @@ def save(run: Run, step: int, loss_window: tuple[float, int]) -> None:
                     "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
                     "sampler": run.train_windows.state_dict(), "rng": rng_state(run.device),
                     "loss_window": list(loss_window), "model_config": vars(run.model.config).copy(),
+                    "anomaly": run.anomaly.state_dict(),
                     "tokenizer": run.tokenizer.identity,
                 }  # fmt: skip
                 model = None if sharded else run.model
@@ -133,10 +147,13 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
     t = run.cfg.trainer
     ctx = autocast(t.precision, run.device)
     params = [p for p in run.model.parameters() if p.requires_grad]
-    d = run.dist
+    d, guard = run.dist, run.anomaly
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * run.seq_len * d.world_size  # global
+    flops_per_token, peak = run.model.flops_per_token(run.seq_len), peak_tflops(run.device)
+    probe = stats_probe(run) if t.stats_interval else None
     loss_sum, loss_count = run.loss_window
     loss_sum = torch.tensor(float(loss_sum), device=run.device)
+    clipped = torch.zeros((), device=run.device)  # steps clipped since the last log step
     val_loss = None
     if run.start_step == 0:  # the starting point of the val curve
         val_loss = evaluate(run)
@@ -150,28 +167,49 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
         while step < t.max_steps and not stopping:
             lr = run.optimizer.param_groups[0]["lr"]
             batches = (run.train_windows.next_batch() for _ in range(t.grad_accum_steps))
+            watched = probe if probe is not None and probe.wants(step + 1, t.stats_interval) else None
+            applied = True
+
+            def allow(loss, norm, step=step + 1):
+                nonlocal applied
+                applied = guard.allow(step, loss, norm)
+                return applied
+
             loss, norm = train_step(
                 run.step_model, batches, t.grad_accum_steps, run.optimizer, run.scaler, ctx, params,
-                t.grad_clip, t.grad_clip_value,
+                t.grad_clip, t.grad_clip_value, allow, watched,
             )  # fmt: skip
             run.scheduler.step()
-            step, timed_steps, loss_count = step + 1, timed_steps + 1, loss_count + 1
+            step, timed_steps = step + 1, timed_steps + 1
             if run.optimizer_hook is not None:
                 run.optimizer_hook(step)
-            loss_sum += loss
+            if applied:  # known on the host only when an anomaly action syncs (else always True)
+                loss_sum, loss_count = loss_sum + loss, loss_count + 1
+            if t.grad_clip > 0:
+                clipped += norm > t.grad_clip
             bar.update(1)
             last, log_step = step == t.max_steps, step % t.log_interval == 0 or step == t.max_steps
             # Ranks agree on stopping at log steps only (a collective), so they stop at the same step.
-            stopping = (
+            stopping = guard.stop_reason is not None or (
                 stop.signum is not None
                 if not d.enabled
                 else log_step and any_rank(stop.signum is not None, d, run.device)
             )
             record = {}
-            if log_step:
-                train_loss = mean_over_ranks(loss_sum, d).item() / loss_count  # host sync: log steps only
+            if log_step:  # host syncs: log steps only
+                train_loss = mean_over_ranks(loss_sum, d).item() / max(loss_count, 1)
                 tok_s = timed_steps * tokens_per_step / (time.perf_counter() - timer)
                 record.update({"train/loss": train_loss, "lr": lr, "grad_norm": norm.item(), "tokens_per_s": tok_s})
+                if t.grad_clip > 0:
+                    record.update({"grad/clip_coef": min(1.0, t.grad_clip / (record["grad_norm"] + 1e-6)),
+                                   "grad/clipped_steps": int(clipped.item())})  # fmt: skip
+                    clipped.zero_()
+                record.update(perf_record(tok_s / d.world_size, flops_per_token, run.device, peak))
+                record.update(guard.log_record())
+                if watched is not None and watched.ready:
+                    stats = watched.result()
+                    record.update(stats)
+                    record["update/ratio_log10/by_layer"] = watched.ratios_by_layer(stats)  # a W&B histogram
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                 loss_sum.zero_()
                 loss_count = 0
@@ -186,7 +224,12 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
             if record or step % t.ckpt_interval == 0:  # keep eval and checkpoint time out of tokens/s
                 timer, timed_steps = time.perf_counter(), 0
     bar.close()
-    return FitResult(step=step, val_loss=val_loss, interrupted_by=stop.signum if stopping else None)
+    return FitResult(step, val_loss, stop.signum if stopping and guard.stop_reason is None else None, guard.stop_reason)
+
+
+def stats_probe(run: Run) -> StatsProbe:
+    fn, previous = family_stats(run.cfg.optimizer)
+    return StatsProbe(run.model, run.optimizer, fn, previous)
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int):

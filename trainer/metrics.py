@@ -73,8 +73,10 @@ class MetricsLogger:
 
     def log(self, step: int, record: dict) -> None:
         self.file.write(json.dumps({"step": step, **record}) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(record, step=step)
+        if self.wandb is not None:  # lists (e.g. update ratios across layers) become W&B histograms
+            import wandb
+
+            self.wandb.log({k: wandb.Histogram(v) if isinstance(v, list) else v for k, v in record.items()}, step=step)
 
     def summary(self, values: dict) -> None:
         if self.wandb is not None:

@@ -122,6 +122,11 @@ def _train(cfg: DictConfig, typed: TrainConfig, run_dir: Path, d) -> float | Non
     try:
         with logging_redirect_tqdm():
             result = fit(r, metrics)
+        if result.anomaly is not None:  # checkpointed (the weights from before the bad step); say so and stop
+            print(f"error: stopped by trainer.anomaly: {result.anomaly}; the checkpoint of step {result.step} in "
+                  f"{run_dir} holds the weights from before it (resume with trainer.resume=auto, perhaps with a "
+                  f"lower optimizer.lr)", file=sys.stderr, flush=True)  # fmt: skip
+            sys.exit(3)
         if result.interrupted_by is not None:
             name = signal.Signals(result.interrupted_by).name
             log.info(

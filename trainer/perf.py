@@ -1,0 +1,51 @@
+"""Throughput figures for the log: achieved model FLOP/s, MFU on known GPUs, and peak memory.
+
+MFU = achieved model FLOP/s (MiniGPT.flops_per_token x tokens/s, PaLM's definition: no recomputation
+counted) over the device's dense bf16 tensor-core peak. Peaks are the vendors' datasheet figures for
+dense (not sparse) bf16; an unknown device logs achieved TFLOP/s only.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+PEAK_BF16_TFLOPS = {  # substring of torch.cuda.get_device_name() -> dense bf16 TFLOP/s
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,  # SXM
+    "A100": 312.0,
+    "A10G": 125.0,  # AWS's A10G (datasheet bf16 with sparsity 250)
+    "A10": 125.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "V100": 125.0,  # fp16 tensor cores (V100 has no bf16)
+}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def mem_peak_gib(device: torch.device) -> float:
+    """Peak memory so far: CUDA's allocated peak on a GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def perf_record(tokens_per_s: float, flops_per_token: float, device: torch.device, peak: float | None) -> dict:
+    """The perf/ keys of a log step, from one device's tokens/s (the global figure / world size)."""
+    tflops = tokens_per_s * flops_per_token / 1e12
+    record = {"perf/tflops": tflops, "perf/mem_peak": mem_peak_gib(device)}
+    if peak:
+        record["perf/mfu"] = tflops / peak
+    return record
