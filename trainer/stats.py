@@ -46,7 +46,10 @@ def layer_of(name: str) -> tuple[str, str]:
     return "other", "other"
 
 
-def all_reduce(op_names={"sum": "SUM", "min": "MIN", "max": "MAX"}):  # noqa: B006 - a constant table
+REDUCE_OPS = {"sum": "SUM", "min": "MIN", "max": "MAX"}
+
+
+def all_reduce():
     """A `reduce(tensor, op)` for Reducer.finish over the default process group (None without one)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
@@ -55,7 +58,7 @@ def all_reduce(op_names={"sum": "SUM", "min": "MIN", "max": "MAX"}):  # noqa: B0
 
     def reduce(t: torch.Tensor, op: str) -> torch.Tensor:
         t = t.to(device, copy=True)
-        dist.all_reduce(t, op=getattr(dist.ReduceOp, op_names[op]))
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, REDUCE_OPS[op]))
         return t
 
     return reduce
