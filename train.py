@@ -18,9 +18,12 @@ register_configs()
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from trainer.run import run
+    from trainer.run import RunFailed, run
 
-    return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except RunFailed:  # one job of a sweep: its `error:` line is printed; NaN marks it failed for sweepers
+        return float("nan")
 
 
 if __name__ == "__main__":

@@ -51,9 +51,27 @@ def restarts_share_the_store(env=os.environ) -> bool:
     return int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
+class RunFailed(Exception):
+    """A sweep's job that failed with a one-line reason: Hydra records it and goes on with the others."""
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
+    if sweep_identity() is not None:  # one job of a sweep (-m): the other jobs still run
+        raise RunFailed(message)
     sys.exit(code)
+
+
+def sweep_identity() -> tuple[str, str] | None:
+    """(W&B group, run name) when Hydra runs this job as part of a sweep (-m): the sweep directory, and
+    the job's own overrides (or its number); None for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hc = HydraConfig.get()
+    return "-".join(Path(hc.sweep.dir).parts[-2:]), hc.job.override_dirname or f"job{hc.job.num}"
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float | None:
@@ -110,6 +128,11 @@ def _train(cfg: DictConfig, typed: TrainConfig, run_dir: Path, d) -> float | Non
     restart = elastic_restart(d)
     if restart:
         _continue_after_restart(cfg, typed, run_dir, restart, d.is_main)
+    sweep = sweep_identity()
+    if sweep is not None:  # runs of one sweep share a W&B group; each is named by its overrides
+        w = typed.logger.wandb
+        w.group, w.name = w.group or sweep[0], w.name or sweep[1]
+        cfg.logger.wandb.group, cfg.logger.wandb.name = w.group, w.name  # config.yaml records them
     r = setup_run(typed, run_dir, d)
     config_dict = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if d.is_main:
@@ -123,10 +146,9 @@ def _train(cfg: DictConfig, typed: TrainConfig, run_dir: Path, d) -> float | Non
         with logging_redirect_tqdm():
             result = fit(r, metrics)
         if result.anomaly is not None:  # checkpointed (the weights from before the bad step); say so and stop
-            print(f"error: stopped by trainer.anomaly: {result.anomaly}; the checkpoint of step {result.step} in "
-                  f"{run_dir} holds the weights from before it (resume with trainer.resume=auto, perhaps with a "
-                  f"lower optimizer.lr)", file=sys.stderr, flush=True)  # fmt: skip
-            sys.exit(3)
+            fail(f"stopped by trainer.anomaly: {result.anomaly}; the checkpoint of step {result.step} in {run_dir} "
+                 f"holds the weights from before it (resume with trainer.resume=auto, perhaps with a lower "
+                 f"optimizer.lr)", code=3)  # fmt: skip
         if result.interrupted_by is not None:
             name = signal.Signals(result.interrupted_by).name
             log.info(
