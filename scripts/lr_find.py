@@ -1,0 +1,171 @@
+"""LR range test (Smith 2015, fastai's lr_find): ramp the lr exponentially, watch the loss, suggest an lr.
+
+    python scripts/lr_find.py                                     # the default config (optimizer=adamw)
+    python scripts/lr_find.py optimizer=lion model=gpt2 --start 1e-6 --end 1 --steps 200
+    python scripts/lr_find.py optimizer=muon --out /tmp/lr_muon
+
+Positional arguments are the same Hydra overrides train.py takes; the run is built as scripts/bench.py
+builds it. Every param group's lr is the configured lr times one factor, so groups keep their ratios; the
+lrs shown are optimizer.lr's. Stops when the smoothed loss exceeds 4x its minimum or is non-finite.
+Writes lr_find.png and lr_find.json to --out (default runs/lr_find/<optimizer>-<timestamp>) and prints
+one JSON line: `suggested_lr` (steepest descent of the smoothed loss in log lr) and `min_loss_lr_div10`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+DIVERGE = 4.0  # stop when the smoothed loss exceeds this times its minimum
+
+
+def smooth(losses, beta: float = 0.98) -> np.ndarray:
+    """Exponential moving average with bias correction (a constant series stays constant)."""
+    avg, out = 0.0, []
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** (i + 1)))
+    return np.array(out)
+
+
+def suggest(lrs, losses) -> dict:
+    """Suggestions from a (smoothed) loss curve: the lr of steepest descent (most negative d loss / d log lr,
+    before the minimum) and the lr of the minimum loss divided by 10."""
+    lrs, losses = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
+    n = int(np.nanargmin(losses)) + 1  # the descent: up to the minimum
+    steepest = lrs[int(np.argmin(np.gradient(losses[:n], np.log(lrs[:n]))))] if n >= 2 else lrs[0]
+    return {
+        "steepest_lr": float(steepest),
+        "min_loss_lr": float(lrs[n - 1]),
+        "min_loss_lr_div10": float(lrs[n - 1] / 10),
+    }
+
+
+def plot(path: Path, lrs, raw, smoothed, found: dict, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.plot(lrs[: len(raw)], raw, alpha=0.35, lw=1, label="loss")
+    ax.plot(lrs[: len(smoothed)], smoothed, lw=2, label="smoothed")
+    for key, label, style in (
+        ("steepest_lr", "steepest (suggested)", "-"),
+        ("min_loss_lr_div10", "min loss / 10", ":"),
+    ):
+        ax.axvline(found[key], color="red", ls=style, lw=1, label=f"{label}: {found[key]:.2e}")
+    ax.plot(found["steepest_lr"], np.interp(np.log(found["steepest_lr"]), np.log(lrs[: len(smoothed)]), smoothed),
+            "ro")  # fmt: skip
+    finite = np.asarray(raw)[np.isfinite(raw)]
+    lo, hi = min(finite.min(), min(smoothed)), max(smoothed)  # raw spikes past the smoothed curve are cut
+    pad = 0.1 * (hi - lo) or 0.1
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set(xscale="log", xlabel="learning rate (optimizer.lr)", ylabel="train loss", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
+    parser.add_argument("--start", type=float, default=1e-7, help="first lr")
+    parser.add_argument("--end", type=float, default=10.0, help="last lr")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of the ramp (>= 10)")
+    parser.add_argument("--beta", type=float, default=0.98, help="EMA factor of the loss smoothing")
+    parser.add_argument("--out", type=Path, default=None, help="output directory")
+    args = parser.parse_args(argv)
+    if not 0 < args.start < args.end or not math.isfinite(args.end):
+        fail(f"need 0 < --start < --end (got --start {args.start:g} --end {args.end:g})")
+    if args.steps < 10:
+        fail(f"--steps must be at least 10 (got {args.steps})")
+    if not 0 <= args.beta < 1:
+        fail(f"--beta must be in [0, 1) (got {args.beta:g})")
+
+    from hydra import compose, initialize_config_dir
+    from tqdm import tqdm
+
+    from trainer.cli import CONFIG_DIR, precheck
+    from trainer.config import register_configs, to_typed
+    from trainer.errors import ConfigError
+
+    register_configs()
+    overrides = [*args.overrides, "trainer.progress=false", "logger.wandb.mode=disabled"]
+    precheck(overrides)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = to_typed(compose("train", overrides=overrides))
+
+    from trainer.build import setup_run
+    from trainer.loop import train_step
+    from trainer.runtime import autocast
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = setup_run(cfg, Path(tmp))
+    except ConfigError as e:
+        fail(str(e))
+    t, ref = cfg.trainer, cfg.optimizer.lr
+    ctx = autocast(t.precision, run.device)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    base = [g.get("initial_lr", g["lr"]) for g in run.optimizer.param_groups]  # the configured lrs
+    lrs = args.start * (args.end / args.start) ** (np.arange(args.steps) / (args.steps - 1))
+    raw, smoothed, avg, best, stopped = [], [], 0.0, math.inf, None
+    bar = tqdm(total=args.steps, desc="lr_find", unit="step")
+    for i, lr in enumerate(lrs):
+        for group, b in zip(run.optimizer.param_groups, base, strict=True):
+            group["lr"] = b * lr / ref
+        batches = (run.train_windows.next_batch() for _ in range(t.grad_accum_steps))
+        loss, _ = train_step(run.step_model, batches, t.grad_accum_steps, run.optimizer, run.scaler, ctx, params,
+                             t.grad_clip, t.grad_clip_value)  # fmt: skip
+        if run.optimizer_hook is not None:
+            run.optimizer_hook(i + 1)
+        raw.append(loss.item())
+        if not math.isfinite(raw[-1]):
+            stopped = "non-finite loss"
+            break
+        avg = args.beta * avg + (1 - args.beta) * raw[-1]
+        smoothed.append(avg / (1 - args.beta ** (i + 1)))
+        best = min(best, smoothed[-1])
+        bar.set_postfix(lr=f"{lr:.2e}", loss=f"{smoothed[-1]:.4f}", refresh=False)
+        bar.update(1)
+        if smoothed[-1] > DIVERGE * best:
+            stopped = f"smoothed loss > {DIVERGE:g} x its minimum"
+            break
+    bar.close()
+    if len(smoothed) < 2:
+        fail(f"the loss was non-finite from the first steps (at lr {lrs[0]:.2e}): lower --start")
+
+    found = suggest(lrs[: len(smoothed)], smoothed)
+    name = cfg.optimizer.name
+    out = args.out or Path("runs/lr_find") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    plot(out / "lr_find.png", lrs, raw, smoothed, found, f"LR range test: optimizer={name}")
+    rule = "steepest descent of the smoothed loss (most negative d loss / d log lr)"
+    summary = {"suggested_lr": found["steepest_lr"], "rule": rule, **found, "optimizer": name,
+               "overrides": args.overrides, "start": args.start, "end": args.end, "steps": len(raw),
+               "stopped": stopped, "out": str(out)}  # fmt: skip
+    curve = {"lr": lrs[: len(raw)].tolist(), "loss": [x if math.isfinite(x) else None for x in raw],
+             "smoothed": smoothed, "beta": args.beta}  # fmt: skip
+    (out / "lr_find.json").write_text(json.dumps({**summary, **curve}, indent=1) + "\n")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
