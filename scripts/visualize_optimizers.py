@@ -142,7 +142,7 @@ def plot(surface: Surface, paths: dict[str, np.ndarray], out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--out", default="runs/optimizer_paths", help="output directory (default: runs/optimizer_paths)")
+    parser.add_argument("--out", default="runs/optimizer_paths", help="output directory")
     parser.add_argument("--optimizers", default=None, help="comma-separated names (default: the whole zoo)")
     args = parser.parse_args(argv)
     zoo = sorted(load_all())
