@@ -20,10 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
-from trainer.cli import CONFIG_DIR, precheck  # noqa: E402
-from trainer.config import register_configs, to_typed  # noqa: E402
+from trainer.cli import config_or_exit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,11 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, caches)")
     args = parser.parse_args(argv)
-    register_configs()
-    overrides = [*args.overrides, "trainer.progress=false", "logger.wandb.mode=disabled"]
-    precheck(overrides)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = to_typed(compose("train", overrides=overrides))
+    cfg = config_or_exit([*args.overrides, "trainer.progress=false", "logger.wandb.mode=disabled"])
 
     from trainer.build import setup_run
     from trainer.loop import train_step

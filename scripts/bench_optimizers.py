@@ -25,13 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 from models.minigpt import MiniGPT  # noqa: E402
 from optim.builder import BuildContext, build_optimizer, load_all, param_groups  # noqa: E402
 from trainer.build import model_config  # noqa: E402
-from trainer.cli import CONFIG_DIR  # noqa: E402
-from trainer.config import register_configs, to_typed  # noqa: E402
+from trainer.cli import compose_config  # noqa: E402
 
 VARIANTS = {"adamw+lookahead": ("adamw", ["optimizer.lookahead.k=5"])}
 
@@ -99,13 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-references", action="store_true")
     args = parser.parse_args(argv)
-    register_configs()
     names = args.optimizers.split(",") if args.optimizers else [*sorted(load_all()), *VARIANTS]
     refs = {} if args.no_references else references()
 
     def config(name: str, extra: list[str] = ()):
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return to_typed(compose("train", overrides=[f"model={args.model}", f"optimizer={name}", *extra]))
+        return compose_config([f"model={args.model}", f"optimizer={name}", *extra])
 
     base = config("adamw")
     torch.manual_seed(0)

@@ -99,18 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.beta < 1:
         fail(f"--beta must be in [0, 1) (got {args.beta:g})")
 
-    from hydra import compose, initialize_config_dir
     from tqdm import tqdm
 
-    from trainer.cli import CONFIG_DIR, precheck
-    from trainer.config import register_configs, to_typed
+    from trainer.cli import config_or_exit
     from trainer.errors import ConfigError
 
-    register_configs()
-    overrides = [*args.overrides, "trainer.progress=false", "logger.wandb.mode=disabled"]
-    precheck(overrides)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = to_typed(compose("train", overrides=overrides))
+    cfg = config_or_exit([*args.overrides, "trainer.progress=false", "logger.wandb.mode=disabled"])
 
     from trainer.build import setup_run
     from trainer.loop import train_step

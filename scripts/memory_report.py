@@ -18,14 +18,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 from models.minigpt import MiniGPT  # noqa: E402
 from optim.builder import load_all  # noqa: E402
 from optim.memory import state_report  # noqa: E402
 from trainer.build import model_config  # noqa: E402
-from trainer.cli import CONFIG_DIR  # noqa: E402
-from trainer.config import register_configs, to_typed  # noqa: E402
+from trainer.cli import compose_config  # noqa: E402
 
 VARIANTS = {"adamw+lookahead": ("adamw", ["optimizer.lookahead.k=5"])}
 
@@ -36,13 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--optimizers", default="", help="comma-separated names (default: all)")
     parser.add_argument("--vocab", type=int, default=256, help="vocabulary size when model.vocab_size is null")
     args = parser.parse_args(argv)
-    register_configs()
     names = args.optimizers.split(",") if args.optimizers else [*sorted(load_all()), *VARIANTS]
     rows = []
     for name in names:
         base, extra = VARIANTS.get(name, (name, []))
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = to_typed(compose("train", overrides=[*args.overrides, f"optimizer={base}", *extra]))
+        cfg = compose_config([*args.overrides, f"optimizer={base}", *extra])
         torch.manual_seed(0)
         model = MiniGPT(model_config(cfg.model, args.vocab))
         report = {"optimizer": name, **state_report(model, cfg.optimizer)}

@@ -33,16 +33,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from optim.builder import BuildContext, build_optimizer, load_all  # noqa: E402
-from trainer.config import register_configs, to_typed  # noqa: E402
+from trainer.cli import compose_config  # noqa: E402
 
 SKIP = {"sophia": "its Hessian refresh (build_hook) needs language-model batches to sample labels from the model's "
                   "logits; without it SophiaG is sign descent with momentum"}  # fmt: skip
 
-register_configs()  # the optimizer schemas Hydra checks `optimizer=<name>` against
 _C, _S = math.cos(math.radians(30)), math.sin(math.radians(30))
 
 
@@ -94,8 +92,7 @@ class Point(torch.nn.Module):
 
 def make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     overrides = [f"optimizer={name}", f"optimizer.lr={lr}"] + (["optimizer.weight_decay=0"] if name == "muon" else [])
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = to_typed(compose("train", overrides=overrides))
+    cfg = compose_config(overrides)
     return build_optimizer(model, cfg.optimizer, BuildContext(torch.device("cpu")))
 
 

@@ -16,7 +16,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from trainer.config import to_typed
+from trainer.config import TrainConfig, register_configs, to_typed
 from trainer.data import find_corpus
 from trainer.errors import ConfigError
 
@@ -36,24 +36,35 @@ def one_line(error: BaseException) -> str:
     return text.replace("; Available options in", " - available options in").replace("'; ", "': ", 1)
 
 
+def compose_config(overrides: list[str]) -> TrainConfig:
+    """The typed, validated config of `python train.py OVERRIDES` (raises on bad input): for scripts."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    OmegaConf.resolve(cfg)
+    return to_typed(cfg)
+
+
+def config_or_exit(overrides: list[str]) -> TrainConfig:
+    """compose_config for a command line: any problem is printed as one `error:` line, exit 2."""
+    try:
+        typed = compose_config(overrides)
+        if typed.data.kind == "text":
+            find_corpus(typed.data)  # a missing data.path is reported before a run directory exists
+        return typed
+    except ConfigError as e:
+        _exit(str(e))
+    except (HydraException, OmegaConfBaseException) as e:
+        _exit(f"{one_line(e)} (see `python train.py --help` for groups and options, `--cfg job` for every key)")
+
+
 def precheck(argv: list[str]) -> None:
     """Compose and validate a single run's overrides; exit with one line on failure.
 
     Multirun sweeps (`-m`) and Hydra's own flags (`--cfg`, `--help`, ...) are left to Hydra.
     """
-    if any(arg.startswith("-") for arg in argv):
-        return
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=list(argv))
-        OmegaConf.resolve(cfg)
-        typed = to_typed(cfg)
-        if typed.data.kind == "text":
-            find_corpus(typed.data)  # a missing data.path is reported before a run directory exists
-    except ConfigError as e:
-        _exit(str(e))
-    except (HydraException, OmegaConfBaseException) as e:
-        _exit(f"{one_line(e)} (see `python train.py --help` for groups and options, `--cfg job` for every key)")
+    if not any(arg.startswith("-") for arg in argv):
+        config_or_exit(argv)
 
 
 def _exit(message: str) -> None:
