@@ -186,11 +186,10 @@ class Reducer:
         return {k: v for k, v in values.items() if not k.startswith("_") or k.startswith("_hist/")}
 
 
-class _View(dict):
+class _View:
     """The reduced values, looked up by a scoped reducer's own key names."""
 
     def __init__(self, values: dict, reducer: Reducer):
-        super().__init__()
         self._values, self._reducer = values, reducer
 
     def __getitem__(self, key: str):

@@ -48,11 +48,16 @@ class AnomalyGuard:
         self.skipped_total = 0
         self.consecutive = 0
         self.stop_reason: str | None = None
+        self.applied = True  # the last step's decision (always True while no action syncs)
 
-    @torch.no_grad()
     def allow(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> bool:
         """Detect on the device; return whether the optimizer step should be applied (a host sync
-        only when some action is skip or stop)."""
+        only when some action is skip or stop), and keep the answer in `self.applied`."""
+        self.applied = self._decide(step, loss, norm)
+        return self.applied
+
+    @torch.no_grad()
+    def _decide(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> bool:
         loss, norm = loss.detach().float(), norm.detach().float()
         finite = torch.isfinite(loss) & torch.isfinite(norm)
         median = torch.nanmedian(self.norms)

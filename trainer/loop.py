@@ -168,22 +168,15 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
             lr = run.optimizer.param_groups[0]["lr"]
             batches = (run.train_windows.next_batch() for _ in range(t.grad_accum_steps))
             watched = probe if probe is not None and probe.wants(step + 1, t.stats_interval) else None
-            applied = True
-
-            def allow(loss, norm, step=step + 1):
-                nonlocal applied
-                applied = guard.allow(step, loss, norm)
-                return applied
-
             loss, norm = train_step(
                 run.step_model, batches, t.grad_accum_steps, run.optimizer, run.scaler, ctx, params,
-                t.grad_clip, t.grad_clip_value, allow, watched,
+                t.grad_clip, t.grad_clip_value, lambda loss, norm, s=step + 1: guard.allow(s, loss, norm), watched,
             )  # fmt: skip
             run.scheduler.step()
             step, timed_steps = step + 1, timed_steps + 1
             if run.optimizer_hook is not None:
                 run.optimizer_hook(step)
-            if applied:  # known on the host only when an anomaly action syncs (else always True)
+            if guard.applied:  # known on the host only when an anomaly action syncs (else always True)
                 loss_sum, loss_count = loss_sum + loss, loss_count + 1
             if t.grad_clip > 0:
                 clipped += norm > t.grad_clip
