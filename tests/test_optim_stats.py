@@ -9,18 +9,11 @@ per-coordinate step size can be checked against the step the optimizer actually 
 
 from __future__ import annotations
 
-import functools
-import gc
-import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import REPO, compose_cfg
 
@@ -30,7 +23,6 @@ from optim.quantize8bit import dequantize_blockwise, quantize_blockwise
 from optim.sophia import gnb_hessian_update
 from optim.stats import BINS_PER_DECADE, Reducer
 from trainer.config import to_typed
-from trainer.distributed import FSDP_VERIFIED
 from trainer.stats import StatsProbe, layer_of
 
 REL = 1e-5
@@ -500,85 +492,6 @@ def test_docs_describe_every_family():
     for spec in load_all().values():
         assert f"`{spec.name}`" in text, spec.name
     assert "Lookahead" in text
-
-
-# ---- the whole model under DDP and FSDP ---------------------------------------------------------------
-# This file is also the worker: `torchrun --nproc_per_node=2 tests/test_optim_stats.py {ddp|fsdp}` runs each
-# optimizer on 2 CPU ranks (gloo), both ranks on the same whole batch, so the averaged gradient and every
-# step are one process's, and rank 0 prints how far every statistic (per-layer and opt/) is from one process.
-
-DIST_NAMES = {"fsdp": FSDP_VERIFIED, "ddp": ("adamw", "lion", "muon")}
-DIST_EXTRA = {"sophia": ["optimizer.rho=50"], "rmsprop": ["optimizer.momentum=0.5", "optimizer.centered=true"]}
-
-
-def _refresh_hessian(model, optimizer, x) -> None:
-    torch.manual_seed(5)  # the same sampled labels on every rank and in one process
-    gnb_hessian_update(model, optimizer, x)
-
-
-def _dist_stats(name: str, wrap=None) -> dict:
-    refresh = _refresh_hessian if name == "sophia" else None
-    return run(name, *DIST_EXTRA.get(name, []), after_first=refresh, wrap=wrap).stats
-
-
-def _wrapper(strategy: str):
-    if strategy == "ddp":
-        return torch.nn.parallel.DistributedDataParallel
-
-    def fsdp(model):
-        from torch.distributed.fsdp import fully_shard
-
-        from models.minigpt import Block
-
-        for block in [m for m in model.modules() if isinstance(m, Block)]:
-            fully_shard(block)
-        return fully_shard(model)
-
-    return fsdp
-
-
-def dist_worker(strategy: str) -> None:
-    names = DIST_NAMES[strategy]
-    whole = {name: _dist_stats(name) for name in names} if os.environ["RANK"] == "0" else {}  # before the group
-    dist.init_process_group("gloo")
-    for name in names:
-        got = _dist_stats(name, _wrapper(strategy))
-        if dist.get_rank() == 0:
-            want = whole[name]
-            rel = [abs(got[k] - v) / max(abs(v), 1e-30) for k, v in want.items() if k in got and math.isfinite(v)]
-            print(json.dumps({"optimizer": name, "missing": sorted(set(want) ^ set(got)), "max_rel": max(rel)}))
-    gc.collect()  # DDP wrappers freed before the group goes (else gloo may abort at exit)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-@functools.cache
-def dist_results(strategy: str) -> dict[str, dict]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, strategy]
-    proc = subprocess.run(cmd, cwd=REPO, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return {r["optimizer"]: r for r in records}
-
-
-def test_statistics_under_fsdp_describe_the_whole_model():
-    results = dist_results("fsdp")
-    assert set(results) == set(FSDP_VERIFIED)
-    for r in results.values():
-        assert not r["missing"] and r["max_rel"] < REL, r
-
-
-def test_statistics_under_ddp_describe_the_whole_model():
-    results = dist_results("ddp")
-    assert set(results) == set(DIST_NAMES["ddp"])
-    for r in results.values():
-        assert not r["missing"] and r["max_rel"] < REL, r
-
-
-if __name__ == "__main__":
-    dist_worker(sys.argv[1])
 
 
 def test_lion_flip_rate_at_stats_interval_one():
