@@ -174,9 +174,7 @@ def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
     """True on every rank when it is true on any (so that all ranks stop at the same step)."""
     if not d.enabled:
         return flag
-    t = torch.tensor(int(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(max_over_ranks(torch.tensor(int(flag), device=device), d).item())
 
 
 def broadcast(obj, d: Dist):
