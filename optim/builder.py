@@ -210,11 +210,13 @@ def state_bytes_theory(model: nn.Module, cfg: OptimizerConfig) -> float:
 
 
 def state_bytes_measured(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer's state dict (nested optimizers included)."""
+    """Bytes of every tensor in the optimizer's state dict (nested optimizers included), on this rank: of a
+    sharded (FSDP) state, this rank's shards."""
 
     def walk(obj) -> int:
         if torch.is_tensor(obj):
-            return obj.numel() * obj.element_size()
+            local = obj.to_local() if hasattr(obj, "to_local") else obj  # a DTensor: this rank's shard
+            return local.numel() * local.element_size()
         if isinstance(obj, dict):
             return sum(walk(v) for v in obj.values())
         if isinstance(obj, (list, tuple)):

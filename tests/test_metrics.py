@@ -56,7 +56,7 @@ def test_jsonl_records_and_resume_truncation(tmp_path):
 
 
 LEGACY = {"step", "tokens", "train/loss", "lr", "grad_norm", "tokens_per_s"}  # named by the spine, kept as they are
-PREFIXES = ("train/", "val/", "grad/", "param/", "update/", "opt/", "perf/", "anomaly/")
+PREFIXES = ("train/", "val/", "grad/", "param/", "update/", "opt/", "perf/", "anomaly/", "time/", "memory/")
 
 
 def test_wandb_gets_the_jsonl_keys_grouped_by_prefix(tmp_path, corpus_file, monkeypatch):

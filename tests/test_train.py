@@ -41,7 +41,13 @@ def test_loss_falls_on_a_small_corpus(tmp_path, corpus_file):
     train_loss = by_step(records, "train/loss")
     assert train_loss[80] < train_loss[5] - 1.5
     for r in records[1:]:
-        assert {"step", "tokens", "train/loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys()
+        assert {"step", "tokens", "train/loss", "lr", "grad_norm", "tokens_per_s", "time/train_s"} <= r.keys()
+    seconds = list(by_step(records, "time/train_s").values())
+    assert seconds == sorted(seconds) and seconds[0] > 0  # cumulative training time, for compare.py's time axis
+    # AdamW keeps two fp32 moments per parameter (and a step count per tensor)
+    n_params = sum(p.numel() for p in MiniGPT(GPTConfig(**ckpt_io.load_state(
+        tmp_path / "run" / "checkpoints" / "step_00000080")["model_config"])).parameters())  # fmt: skip
+    assert records[-1]["memory/optimizer_state_mb"] == pytest.approx(8 * n_params / 2**20, rel=0.01)
     assert records[-1]["tokens"] == 80 * 8 * 32
     assert (tmp_path / "run" / "sample.txt").read_text()
 
@@ -133,6 +139,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus_file):
     assert [r["step"] for r in resumed] == [r["step"] for r in full]
     for key in ("train/loss", "grad_norm", "lr", "val/loss"):
         assert by_step(resumed, key) == by_step(full, key), key
+    # training time continues from the checkpoint's: the step-30 total plus the resumed run's own time
+    at_30 = ckpt_io.load_state(resumed_dir / "checkpoints" / "step_00000030")["train_seconds"]
+    resumed_seconds = by_step(resumed, "time/train_s")
+    assert at_30 == pytest.approx(by_step(full, "time/train_s")[30], rel=0.5) and resumed_seconds[40] > at_30
     a = ckpt_io.load_state(tmp_path / "full" / "checkpoints" / "step_00000040")
     b = ckpt_io.load_state(resumed_dir / "checkpoints" / "step_00000040")
     assert torch.equal(a["sampler"]["generator"], b["sampler"]["generator"])

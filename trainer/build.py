@@ -44,6 +44,7 @@ class Run:
     start_step: int  # optimizer steps already done (0, or the resumed checkpoint's step)
     resumed_from: Path | None
     loss_window: tuple[float, int]  # (sum, count) of train losses since the last log step
+    train_seconds: float  # wall time spent in training steps so far (eval and checkpoints excluded)
     anomaly: AnomalyGuard  # non-finite steps, gradient explosions, loss spikes (trainer/anomaly.py)
 
 
@@ -138,7 +139,7 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
     hook = build_hook(wrapped, optimizer, cfg.optimizer, hook_ctx)
     reduce_max = (lambda flags: max_over_ranks(flags, d)) if d.enabled else None
     guard = AnomalyGuard(t.anomaly, device, fp16=t.precision.value == "fp16", reduce_max=reduce_max)
-    start_step, loss_window = 0, (0.0, 0)
+    start_step, loss_window, train_seconds = 0, (0.0, 0), 0.0
     if state is not None:
         if sharded:  # weights and optimizer, resliced to this run's ranks (or whole, without FSDP)
             ckpt_io.load_sharded(ckpt, model, optimizer)
@@ -151,6 +152,7 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
         windows.load_state_dict(state["sampler"])
         set_rng_state(state["rng"], device)
         start_step, loss_window = state["step"], tuple(state["loss_window"])
+        train_seconds = state.get("train_seconds", 0.0)
         if "anomaly" in state:
             guard.load_state_dict(state["anomaly"])
         del state  # drop the loaded optimizer tensors: they are copied into the optimizer now
@@ -171,5 +173,6 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
         cfg=cfg, run_dir=run_dir, device=device, model=model, step_model=step_model, optimizer=optimizer,
         scheduler=scheduler, optimizer_hook=hook, scaler=scaler, train_windows=windows, val_tokens=splits.val,
         tokenizer=tokenizer, seq_len=seq_len, start_step=start_step, resumed_from=ckpt, loss_window=loss_window,
+        train_seconds=train_seconds,
         dist=d, anomaly=guard,
     )  # fmt: skip

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -18,13 +17,13 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from optim.builder import family_stats
+from optim.builder import family_stats, state_bytes_measured
 from trainer import checkpoint as ckpt_io
 from trainer.build import Run, optimizer_format
 from trainer.data import RandomWindows
 from trainer.distributed import any_rank, grad_sync, mean_over_ranks
 from trainer.metrics import MetricsLogger
-from trainer.perf import peak_tflops, perf_record
+from trainer.perf import TrainClock, peak_tflops, perf_record
 from trainer.runtime import StopSignal, autocast, rng_state
 from trainer.stats import StatsProbe
 
@@ -115,7 +114,7 @@ def evaluate(run: Run) -> float:
     return mean_over_ranks(losses.mean(), d).item()
 
 
-def save(run: Run, step: int, loss_window: tuple[float, int]) -> None:
+def save(run: Run, step: int, loss_window: tuple[float, int], train_seconds: float) -> None:
     """A checkpoint (every rank calls this): under FSDP each rank writes its shards, otherwise rank 0
     writes the whole model, which every rank holds."""
     d, sharded = run.dist, run.dist.strategy == "fsdp"
@@ -132,7 +131,8 @@ def save(run: Run, step: int, loss_window: tuple[float, int]) -> None:
                     "optimizer": None if sharded else run.optimizer.state_dict(),
                     "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
                     "sampler": run.train_windows.state_dict(), "rng": rng_state(run.device),
-                    "loss_window": list(loss_window), "model_config": vars(run.model.config).copy(),
+                    "loss_window": list(loss_window), "train_seconds": train_seconds,
+                    "model_config": vars(run.model.config).copy(),
                     "anomaly": run.anomaly.state_dict(),
                     "tokenizer": run.tokenizer.identity,
                 }  # fmt: skip
@@ -161,7 +161,7 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
         log.info("step 0: val loss %.4f", val_loss)
     show = t.progress and d.is_main
     bar = tqdm(total=t.max_steps, initial=run.start_step, disable=not show, desc="train", unit="step")
-    timer, timed_steps = time.perf_counter(), 0
+    clock = TrainClock(run.train_seconds)  # paused around evals and checkpoints
     step, stopping = run.start_step, False
     with StopSignal() as stop:
         while step < t.max_steps and not stopping:
@@ -173,7 +173,7 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
                 t.grad_clip, t.grad_clip_value, lambda loss, norm, s=step + 1: guard.allow(s, loss, norm), watched,
             )  # fmt: skip
             run.scheduler.step()
-            step, timed_steps = step + 1, timed_steps + 1
+            step, clock.steps = step + 1, clock.steps + 1
             if run.optimizer_hook is not None:
                 run.optimizer_hook(step)
             if guard.applied:  # known on the host only when an anomaly action syncs (else always True)
@@ -191,8 +191,10 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
             record = {}
             if log_step:  # host syncs: log steps only
                 train_loss = mean_over_ranks(loss_sum, d).item() / max(loss_count, 1)
-                tok_s = timed_steps * tokens_per_step / (time.perf_counter() - timer)
-                record.update({"train/loss": train_loss, "lr": lr, "grad_norm": norm.item(), "tokens_per_s": tok_s})
+                tok_s = clock.steps * tokens_per_step / clock.lap()
+                record.update({"train/loss": train_loss, "lr": lr, "grad_norm": norm.item(), "tokens_per_s": tok_s,
+                               "time/train_s": clock.seconds(),
+                               "memory/optimizer_state_mb": state_bytes_measured(run.optimizer) / 2**20})  # fmt: skip
                 if t.grad_clip > 0:
                     record.update({"grad/clip_coef": min(1.0, t.grad_clip / (record["grad_norm"] + 1e-6)),
                                    "grad/clipped_steps": int(clipped.item())})  # fmt: skip
@@ -207,15 +209,18 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
                 loss_sum.zero_()
                 loss_count = 0
             if step % t.eval_interval == 0 or last:
+                clock.pause()
+                record.setdefault("time/train_s", clock.seconds())
                 val_loss = evaluate(run)
                 record.update({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
                 log.info("step %d: val loss %.4f", step, val_loss)
             if record:
                 metrics.log(step, {"tokens": step * tokens_per_step, **record})
             if step % t.ckpt_interval == 0 or last or stopping:
-                save(run, step, (loss_sum.item(), loss_count))
+                clock.pause()
+                save(run, step, (loss_sum.item(), loss_count), clock.seconds())
             if record or step % t.ckpt_interval == 0:  # keep eval and checkpoint time out of tokens/s
-                timer, timed_steps = time.perf_counter(), 0
+                clock.restart()
     bar.close()
     return FitResult(step, val_loss, stop.signum if stopping and guard.stop_reason is None else None, guard.stop_reason)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 
 import torch
 
@@ -49,3 +50,25 @@ def perf_record(tokens_per_s: float, flops_per_token: float, device: torch.devic
     if peak:
         record["perf/mfu"] = tflops / peak
     return record
+
+
+class TrainClock:
+    """Wall time spent in training steps, paused around evals and checkpoints: tokens/s over the current
+    lap, and the run's total (`time/train_s`, kept in checkpoints so that it continues across resumes)."""
+
+    def __init__(self, total: float = 0.0):
+        self.total, self.steps, self._start, self._running = total, 0, time.perf_counter(), True
+
+    def lap(self) -> float:
+        """Seconds since the last restart (while running)."""
+        return time.perf_counter() - self._start if self._running else 0.0
+
+    def seconds(self) -> float:
+        return self.total + self.lap()
+
+    def pause(self) -> None:
+        self.total, self._running = self.seconds(), False
+
+    def restart(self) -> None:
+        self.pause()
+        self.steps, self._start, self._running = 0, time.perf_counter(), True
