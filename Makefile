@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml $(PY)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install -e ".[dev]"
-	$(PY) -c "import torch, hydra, omegaconf, transformers, tokenizers, datasets, accelerate, wandb, safetensors, tqdm"
+	$(PY) -c "import torch, hydra, omegaconf, transformers, tokenizers, datasets, accelerate, wandb, safetensors, tqdm, scipy, optuna, submitit, hydra_plugins.hydra_optuna_sweeper, hydra_plugins.hydra_submitit_launcher"
 	echo "$(TORCH_SPEC)" > $(STAMP)
 
 train: $(STAMP)

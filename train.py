@@ -22,8 +22,10 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         return run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except RunFailed:  # one job of a sweep: its `error:` line is printed; NaN marks it failed for sweepers
-        return float("nan")
+    except RunFailed:  # one job of a sweep: its `error:` line is printed, and the other jobs go on
+        if "optuna" in HydraConfig.get().sweeper._target_:
+            raise  # Optuna's sweeper records a job that raised as a FAIL trial (a NaN return breaks its tell)
+        return float("nan")  # Hydra's basic sweeper stops at a job that raised; NaN marks it failed
 
 
 if __name__ == "__main__":

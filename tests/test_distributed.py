@@ -21,7 +21,7 @@ from conftest import REPO, tiny_overrides, wait_for_lines
 from safetensors.torch import load_file
 
 from trainer import checkpoint as ckpt_io
-from trainer.distributed import launcher_env
+from trainer.distributed import first_host, launcher_env, rendezvous_address
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
 ENV |= {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -109,6 +109,30 @@ def test_launcher_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert launcher_env() == (3, 4, 3)  # torchrun / accelerate take precedence
+
+
+def test_slurm_rendezvous_address_is_the_jobs_first_node():
+    assert first_host("gpu[003-004,010],cpu01") == "gpu003"
+    assert first_host("a01,b[1-2]") == "a01" and first_host("node7") == "node7"
+    assert first_host("rack[2-3]-gpu,x") == "rack2-gpu"
+    env = {"SLURM_JOB_NODELIST": "gpu[003-004]", "SLURM_JOB_ID": "123456", "SLURM_PROCID": "3"}
+    assert rendezvous_address(env) == {"MASTER_ADDR": "gpu003", "MASTER_PORT": str(20000 + 123456 % 40000)}
+    assert rendezvous_address({**env, "RANK": "3"})["MASTER_ADDR"] == "127.0.0.1"  # torchrun set the rest
+
+
+def test_slurm_tasks_without_torchrun_train_together(tmp_path, corpus_file):
+    """submitit's SLURM tasks (and bare srun) start one process per GPU with no torchrun: two processes with
+    only SLURM's variables join one process group and log one run, as DDP with 2 ranks does."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env |= {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(os.getpid()),
+            "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    args = [sys.executable, str(REPO / "train.py"), *tiny_overrides(tmp_path, corpus_file, {"trainer.max_steps": 4}),
+            f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    procs = [subprocess.Popen(args, cwd=REPO, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]  # fmt: skip
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "(ddp, 2 ranks)" in outputs[0] and "done: step 4" in outputs[0]
 
 
 def test_sigterm_to_the_launcher_leaves_a_loadable_checkpoint(tmp_path, corpus_file):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -178,8 +179,23 @@ GROUP_SCHEMAS = {
 }
 
 
+def search_space(*, _root_: DictConfig) -> DictConfig | None:
+    """The Optuna search space of the run's optimizer (`${search_space:}` in configs/sweep/lr_search.yaml):
+    the `hydra.sweeper.params` of configs/sweep/space/<optimizer>.yaml. A resolver rather than a
+    defaults-list interpolation, because Hydra composes `+sweep=...` before it knows the optimizer."""
+    name = OmegaConf.select(_root_, "optimizer.name", default=None)
+    if name is None:  # Hydra resolves it once on the preset alone, while merging it
+        return None
+    path = Path(__file__).resolve().parent.parent / "configs" / "sweep" / "space" / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no Optuna search space for optimizer={name}: add {path}")
+    return OmegaConf.load(path).hydra.sweeper.params
+
+
 def register_configs() -> None:
-    """Store the schemas in Hydra's ConfigStore (idempotent)."""
+    """Store the schemas in Hydra's ConfigStore and register the config resolvers (idempotent)."""
+    if not OmegaConf.has_resolver("search_space"):
+        OmegaConf.register_new_resolver("search_space", search_space, use_cache=False)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for group, schema in GROUP_SCHEMAS.items():

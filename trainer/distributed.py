@@ -46,6 +46,25 @@ def launcher_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def rendezvous_address(env) -> dict[str, str]:
+    """MASTER_ADDR/PORT for a launcher that sets neither: under SLURM (srun, or submitit's tasks) the job's
+    first node and a port derived from the job id (two jobs sharing a node do not collide); otherwise this
+    machine (one process asked for ddp explicitly)."""
+    if "SLURM_JOB_NODELIST" in env and "RANK" not in env:
+        port = 20000 + int(env.get("SLURM_JOB_ID", "0").split("_")[0] or 0) % 40000
+        return {"MASTER_ADDR": first_host(env["SLURM_JOB_NODELIST"]), "MASTER_PORT": str(port)}
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[003-004,010],cpu01" -> "gpu003" (zero padding kept)."""
+    bracket, comma = nodelist.find("["), nodelist.find(",")
+    if bracket == -1 or -1 < comma < bracket:
+        return nodelist.split(",")[0]
+    ranges, suffix = nodelist[bracket + 1 :].split("]", 1)
+    return nodelist[:bracket] + ranges.split(",")[0].split("-")[0] + suffix.split(",")[0]
+
+
 def setup(strategy: str, backend: str, timeout_s: int, device: torch.device) -> Dist:
     """Join the process group when the run is distributed (`distributed=auto`: whenever the launcher
     started several processes)."""
@@ -60,8 +79,8 @@ def setup(strategy: str, backend: str, timeout_s: int, device: torch.device) -> 
         backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # a single process asked for ddp explicitly
-    os.environ.setdefault("MASTER_PORT", "29500")
+    for key, value in rendezvous_address(os.environ).items():
+        os.environ.setdefault(key, value)
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     return Dist(rank, world, local_rank, strategy)
