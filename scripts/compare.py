@@ -277,11 +277,13 @@ def welch(a: list[float], b: list[float]) -> dict | None:
     return out
 
 
-def verdict(cmp: dict | None, alpha: float) -> str:
+def verdict(cmp: dict | None, alpha: float, diverged: int = 0) -> str:
+    """better / worse only when p < alpha; a configuration that diverged on some seed is never `better`
+    (its finished seeds alone would flatter it)."""
     if cmp is None or min(cmp["n"]) < 2 or cmp["p"] is None:
         return NA
     if cmp["p"] < alpha:
-        return "better" if cmp["diff"] < 0 else "worse"
+        return "worse" if cmp["diff"] > 0 else f"unstable ({diverged} diverged)" if diverged else "better"
     return "no sig. diff."
 
 
@@ -351,28 +353,35 @@ def curve(runs: list[Run]) -> tuple[np.ndarray, ...]:
 
 
 def plot(groups: list[list[Run]], labels: list[str], target: float, out: Path) -> list[Path]:
+    """Per x axis (steps, train seconds): every curve on the left, and its second half zoomed on the right,
+    where the configurations separate."""
     cmap = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
     curves = [curve(g) for g in groups]
     starts = [c[1][0] for c in curves if len(c[0])]
     paths = []
     for mode, xlabel in (("steps", "step"), ("time", "train seconds (mean over seeds)")):
-        fig, ax = plt.subplots(figsize=(9, 5))
-        drawn = 0
-        for i, (label, (steps, mean, lo, hi, t)) in enumerate(zip(labels, curves, strict=True)):
-            x = steps if mode == "steps" else t
-            ok = np.isfinite(x)
-            if ok.sum():
-                ax.plot(x[ok], mean[ok], color=cmap(i % cmap.N), label=label, marker="." if ok.sum() < 30 else None)
-                ax.fill_between(x[ok], lo[ok], hi[ok], color=cmap(i % cmap.N), alpha=0.2, linewidth=0)
-                drawn += 1
-        ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:.4f}")
-        if not drawn:
-            ax.text(0.5, 0.5, f"no val loss vs {mode} in these runs", transform=ax.transAxes, ha="center")
+        xs = [c[0] if mode == "steps" else c[4] for c in curves]
+        x_end = max((np.nanmax(x) for x in xs if np.isfinite(x).any()), default=0.0)
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+        for ax, x_from in zip(axes, (-np.inf, x_end / 2), strict=True):
+            drawn = 0
+            for i, (label, x, (_, mean, lo, hi, _)) in enumerate(zip(labels, xs, curves, strict=True)):
+                ok = np.isfinite(x) & (x >= x_from)
+                if ok.sum():
+                    color = cmap(i % cmap.N)
+                    ax.plot(x[ok], mean[ok], color=color, label=label, marker="." if ok.sum() < 30 else None)
+                    ax.fill_between(x[ok], lo[ok], hi[ok], color=color, alpha=0.2, linewidth=0)
+                    drawn += 1
+            ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:.4f}")
+            if not drawn:
+                ax.text(0.5, 0.5, f"no val loss vs {mode} in these runs", transform=ax.transAxes, ha="center")
+            ax.set(xlabel=xlabel, ylabel="val loss")
+            ax.grid(alpha=0.3)
         if starts and max(max(c[3], default=0) for c in curves) > 1.1 * max(starts):
-            ax.set_ylim(top=1.05 * max(starts))  # a diverged seed would flatten every other curve
-        ax.set(xlabel=xlabel, ylabel="val loss", title=f"val loss vs {mode} (mean over seeds, min-max band)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+            axes[0].set_ylim(top=1.05 * max(starts))  # a diverged seed would flatten every other curve
+        axes[0].set_title(f"val loss vs {mode} (mean over seeds, min-max band)")
+        axes[1].set_title("second half, zoomed")
+        axes[0].legend(fontsize="small")
         fig.tight_layout()
         paths.append(out / f"val_loss_vs_{mode}.png")
         fig.savefig(paths[-1], dpi=100)
@@ -408,7 +417,7 @@ def compare(args: argparse.Namespace) -> int:
         vs = {"final_val_loss": welch(finals(s), finals(b)), "steps_to_target": welch(steps(s), steps(b))}
         vs = None if i == base else vs
         summaries[i] = {"label": label, "baseline": i == base,
-                        "verdict": "baseline" if vs is None else verdict(vs["final_val_loss"], args.alpha),
+                        "verdict": "baseline" if vs is None else verdict(vs["final_val_loss"], args.alpha, s["diverged"]),
                         "config": {k: config[k] for k in sorted(canonical(config))}, **s,
                         "vs_baseline": vs}  # fmt: skip
     loss_key = lambda s: (s["final_val_loss"]["mean"] is None, s["final_val_loss"]["mean"] or 0.0, s["label"])

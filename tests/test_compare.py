@@ -265,3 +265,11 @@ def test_cli_subprocess(sweep: Path, tmp_path: Path) -> None:
     assert doc["target"] == pytest.approx(max(min(vals) for vals, _ in LION.values()))
     assert sorted(p.name for p in out_dir.iterdir()) == ["compare.json", "compare.md", "val_loss_vs_steps.png",
                                                           "val_loss_vs_time.png"]  # fmt: skip
+
+
+def test_a_configuration_that_diverged_on_a_seed_is_never_called_better():
+    clear_win = {"diff": -0.5, "p": 0.001, "n": [3, 3]}
+    assert compare.verdict(clear_win, 0.05) == "better"
+    assert compare.verdict(clear_win, 0.05, diverged=1) == "unstable (1 diverged)"
+    assert compare.verdict({**clear_win, "diff": 0.5}, 0.05, diverged=1) == "worse"
+    assert compare.verdict({**clear_win, "p": 0.2}, 0.05) == "no sig. diff."
