@@ -416,8 +416,8 @@ def compare(args: argparse.Namespace) -> int:
         config = {k: v if not isinstance(v, float) or math.isfinite(v) else str(v) for k, v in configs[i].items()}
         vs = {"final_val_loss": welch(finals(s), finals(b)), "steps_to_target": welch(steps(s), steps(b))}
         vs = None if i == base else vs
-        summaries[i] = {"label": label, "baseline": i == base,
-                        "verdict": "baseline" if vs is None else verdict(vs["final_val_loss"], args.alpha, s["diverged"]),
+        verdict_ = "baseline" if vs is None else verdict(vs["final_val_loss"], args.alpha, s["diverged"])
+        summaries[i] = {"label": label, "baseline": i == base, "verdict": verdict_,
                         "config": {k: config[k] for k in sorted(canonical(config))}, **s,
                         "vs_baseline": vs}  # fmt: skip
     loss_key = lambda s: (s["final_val_loss"]["mean"] is None, s["final_val_loss"]["mean"] or 0.0, s["label"])
