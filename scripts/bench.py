@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from trainer.cli import config_or_exit  # noqa: E402
+from trainer.cli import scratch_run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,15 +29,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, caches)")
     args = parser.parse_args(argv)
-    cfg = config_or_exit([*args.overrides, "trainer.progress=false", "logger.wandb.mode=disabled"])
+    run = scratch_run(args.overrides)
 
-    from trainer.build import setup_run
     from trainer.loop import train_step
-    from trainer.runtime import autocast
+    from trainer.runtime import autocast, device_sync
 
-    with tempfile.TemporaryDirectory() as tmp:
-        run = setup_run(cfg, Path(tmp))
-    t = cfg.trainer
+    t = run.cfg.trainer
     ctx = autocast(t.precision, run.device)
     params = list(run.model.parameters())
 
@@ -51,13 +47,12 @@ def main(argv: list[str] | None = None) -> None:
 
     for _ in range(args.warmup):
         step()
-    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
-    sync()
+    device_sync(run.device)
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
     loss.item()
-    sync()
+    device_sync(run.device)
     elapsed = time.perf_counter() - start
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * run.seq_len
     tokens_per_s = args.steps * tokens_per_step / elapsed

@@ -17,15 +17,12 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
-from trainer.cli import config_or_exit  # noqa: E402
+from trainer.cli import scratch_run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,25 +31,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="segments timed per mode")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     args = parser.parse_args(argv)
-    cfg = config_or_exit([*args.overrides, "trainer.progress=false", "logger.wandb.mode=disabled"])
+    run = scratch_run(args.overrides)
 
-    from trainer.build import setup_run
     from trainer.loop import stats_probe, train_step
-    from trainer.runtime import autocast
+    from trainer.runtime import autocast, device_sync
 
-    with tempfile.TemporaryDirectory() as tmp:
-        run = setup_run(cfg, Path(tmp))
-    t = cfg.trainer
+    cfg, t = run.cfg, run.cfg.trainer
     interval = t.stats_interval or 100
     ctx = autocast(t.precision, run.device)
     params = [p for p in run.model.parameters() if p.requires_grad]
     probe = stats_probe(run)
-    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
     step_number = 0
 
     def segment(watched: bool, steps: int) -> float:
         nonlocal step_number
-        sync()
+        device_sync(run.device)
         start = time.perf_counter()
         for _ in range(steps):
             step_number += 1
@@ -65,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         if watched and probe.ready:
             probe.result()
         loss.item()  # the loop's log-step read
-        sync()
+        device_sync(run.device)
         return time.perf_counter() - start
 
     segment(False, args.warmup)

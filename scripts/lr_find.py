@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -101,20 +100,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from tqdm import tqdm
 
-    from trainer.cli import config_or_exit
-    from trainer.errors import ConfigError
+    from trainer.cli import scratch_run
 
-    cfg = config_or_exit([*args.overrides, "trainer.progress=false", "logger.wandb.mode=disabled"])
+    run = scratch_run(args.overrides)
 
-    from trainer.build import setup_run
     from trainer.loop import train_step
     from trainer.runtime import autocast
 
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            run = setup_run(cfg, Path(tmp))
-    except ConfigError as e:
-        fail(str(e))
+    cfg = run.cfg
     t, ref = cfg.trainer, cfg.optimizer.lr
     ctx = autocast(t.precision, run.device)
     params = [p for p in run.model.parameters() if p.requires_grad]

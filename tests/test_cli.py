@@ -170,3 +170,12 @@ def test_bench_prints_one_json_line(tmp_path, corpus_file):
     result = json.loads(lines[0])
     assert result["steps"] == 3 and result["tokens_per_step"] == 8 * 32
     assert result["tokens_per_s"] > 0 and result["ms_per_step"] > 0
+
+
+@pytest.mark.parametrize("script", ["scripts/bench.py", "scripts/bench_stats.py", "scripts/lr_find.py"])
+def test_step_scripts_report_a_too_short_corpus_in_one_line(tmp_path, script):
+    """Found while building the run, not while composing the config: trainer.cli.scratch_run reports it."""
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here\n")
+    proc = cli("data=text", f"data.path={short}", f"data.cache_dir={tmp_path}/c", script=script)
+    assert_one_line_error(proc, "corpus too short")

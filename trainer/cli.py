@@ -9,6 +9,7 @@ no run directory is created for a command line that cannot work.
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -56,6 +57,20 @@ def config_or_exit(overrides: list[str]) -> TrainConfig:
         _exit(str(e))
     except (HydraException, OmegaConfBaseException) as e:
         _exit(f"{one_line(e)} (see `python train.py --help` for groups and options, `--cfg job` for every key)")
+
+
+def scratch_run(overrides: list[str]):
+    """The Run of `python train.py OVERRIDES`, built in a throw-away directory with no progress bar and no
+    W&B: for the scripts that time or probe training steps (bench, bench_stats, lr_find). Bad input,
+    in the overrides or found while building (a too-short corpus, say), exits with one line."""
+    from trainer.build import setup_run
+
+    cfg = config_or_exit([*overrides, "trainer.progress=false", "logger.wandb.mode=disabled"])
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return setup_run(cfg, Path(tmp))
+    except ConfigError as e:
+        _exit(str(e))
 
 
 def precheck(argv: list[str]) -> None:

@@ -32,6 +32,12 @@ def check_precision(precision: Precision, device: torch.device) -> None:
         raise ConfigError("trainer.precision=bf16 is not supported by this GPU; use trainer.precision=fp16")
 
 
+def device_sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so that a host timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass; parameters and optimizer state stay fp32."""
     if precision == Precision.fp32:
