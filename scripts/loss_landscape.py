@@ -34,10 +34,10 @@ from models.minigpt import GPTConfig, MiniGPT  # noqa: E402
 from trainer import checkpoint as ckpt_io  # noqa: E402
 from trainer.build import prepare_data  # noqa: E402
 from trainer.config import DataConfig, DeviceKind, TokenizerConfig  # noqa: E402
-from trainer.data import RandomWindows, check_split_sizes  # noqa: E402
+from trainer.data import check_split_sizes  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
-from trainer.loop import VAL_SEED  # noqa: E402
 from trainer.runtime import pick_device  # noqa: E402
+from trainer.sampling import validation_windows  # noqa: E402
 
 
 def load_model(ckpt: Path) -> MiniGPT:
@@ -48,7 +48,7 @@ def load_model(ckpt: Path) -> MiniGPT:
 
 
 def val_batches(ckpt: Path, n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first n validation batches the run's own evaluations read (same corpus, split, seed, batch size)."""
+    """The first n validation batches the run's own evaluations read (same corpus, split and batch size)."""
     raw = OmegaConf.load(ckpt / "config.yaml")
     group = lambda schema, key: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), raw[key]))
     cfg = SimpleNamespace(data=group(DataConfig, "data"), tokenizer=group(TokenizerConfig, "tokenizer"))
@@ -56,7 +56,7 @@ def val_batches(ckpt: Path, n: int, device: torch.device) -> list[tuple[torch.Te
     seq_len = cfg.data.seq_len or raw.model.block_size
     batch_size = raw.trainer.micro_batch_size
     check_split_sizes(splits, seq_len, 1)
-    windows = RandomWindows(splits.val, seq_len, batch_size, VAL_SEED, device)
+    windows = validation_windows(splits.val, seq_len, batch_size, device)
     return [windows.next_batch() for _ in range(n)]
 
 

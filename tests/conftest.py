@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# datasets' own Arrow caches (data=hf on local files) go to a throw-away directory, not ~/.cache
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf-datasets-test-"))
 
 from trainer.config import register_configs  # noqa: E402
 

@@ -21,15 +21,15 @@ def options(group: str) -> list[str]:
     "override", [f"{g}={o}" for g in GROUPS for o in options(g)] + [f"+experiment={o}" for o in options("experiment")]
 )
 def test_every_option_composes_and_validates(override):
-    extra = ["data.path=/some/file.txt"] if override == "data=text" else []
+    extra = {"data=text": ["data.path=/some/file.txt"], "data=hf": ["data.name=some/dataset"]}.get(override, [])
     raw = compose_cfg([override, *extra])
     assert isinstance(to_typed(raw), TrainConfig)
     group, _, option = override.lstrip("+").partition("=")
     if group != "experiment":  # the option's own values are what was composed
         values = OmegaConf.load(REPO / "configs" / group / f"{option}.yaml")
         values.pop("defaults")
-        if extra:
-            values.pop("path")
+        for key in extra:
+            values.pop(key.split("=")[0].split(".")[-1])
         assert_subset(values, raw[group], group)
 
 

@@ -7,12 +7,10 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from conftest import make_corpus
 
 from trainer.config import DataConfig, TokenizerConfig
 from trainer.data import (
-    RandomWindows,
     build_tokenizer,
     check_split_sizes,
     find_corpus,
@@ -112,11 +110,12 @@ def test_split_is_deterministic_disjoint_and_complete(corpus_dir, tmp_path):
     splits = prepare_tokens(corpus, tok, tmp_path / "cache", val_fraction=0.1, progress=False)
     all_tokens = np.concatenate([tok.encode_batch([t])[0] for t in corpus.texts()])
     assert len(splits.train) + len(splits.val) == len(all_tokens)
-    assert np.array_equal(np.concatenate([splits.train, splits.val]), all_tokens)
+    train, val = splits.train.read(0, len(splits.train)), splits.val.read(0, len(splits.val))
+    assert np.array_equal(np.concatenate([train, val]), all_tokens)
     assert abs(len(splits.val) / len(all_tokens) - 0.1) < 0.01
     assert splits.train.dtype == np.uint16
     again = prepare_tokens(text_corpus(corpus_dir), tok, tmp_path / "cache2", 0.1, progress=False)
-    assert np.array_equal(again.val, splits.val)
+    assert np.array_equal(again.val.read(0, len(again.val)), val)
 
 
 def test_cache_is_reused_and_invalidated_by_a_changed_file(corpus_dir, tmp_path):
@@ -139,33 +138,3 @@ def test_too_short_corpus_is_refused(tmp_path):
     splits = prepare_tokens(text_corpus(tmp_path / "short.txt"), ByteTokenizer(), tmp_path / "c", 0.1, False)
     with pytest.raises(ConfigError, match="corpus too short"):
         check_split_sizes(splits, seq_len=64, micro_batch_size=4)
-
-
-def test_windows_are_shifted_targets_and_resume_exactly(tmp_path):
-    tokens = np.arange(1000, dtype=np.uint16)
-    windows = RandomWindows(tokens, seq_len=16, batch_size=4, seed=3, device=torch.device("cpu"))
-    x, y = windows.next_batch()
-    assert x.shape == y.shape == (4, 16) and x.dtype == torch.long
-    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, 0], x[:, 0] + 1)
-    state = windows.state_dict()
-    expected = [windows.next_batch()[0] for _ in range(3)]
-    restored = RandomWindows(tokens, seq_len=16, batch_size=4, seed=999, device=torch.device("cpu"))
-    restored.load_state_dict(state)
-    assert all(torch.equal(restored.next_batch()[0], e) for e in expected)
-
-
-def test_peek_shows_the_next_batches_without_consuming_them():
-    tokens = np.arange(1000, dtype=np.uint16)
-    windows = RandomWindows(tokens, seq_len=16, batch_size=4, seed=3, device=torch.device("cpu"))
-    peeked = windows.peek(2)
-    for x, _ in peeked:
-        assert torch.equal(windows.next_batch()[0], x)
-
-
-def test_windows_cover_the_whole_array():
-    tokens = np.arange(40, dtype=np.uint16)
-    windows = RandomWindows(tokens, seq_len=8, batch_size=64, seed=0, device=torch.device("cpu"))
-    starts = set()
-    for _ in range(20):
-        starts.update(windows.next_batch()[0][:, 0].tolist())
-    assert starts == set(range(40 - 8))  # the last target is the array's last token

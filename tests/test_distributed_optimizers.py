@@ -58,7 +58,7 @@ def assert_matches(r: dict) -> None:
     assert r["split_loss_rel"] < TOL and r["split_param_abs"] < TOL, r
     assert r["loss_rel"] < TOL, r
     if r["optimizer"] in ROUNDING_SENSITIVE:
-        assert r["param_abs"] <= 2 * r["floor_param_abs"], r
+        assert r["param_abs"] <= max(2 * r["floor_param_abs"], TOL), r
     else:
         assert r["param_abs"] < TOL, r
 
@@ -70,10 +70,14 @@ def test_every_optimizer_matches_one_process_under_ddp():
         assert_matches(r)
 
 
-def test_rounding_sensitive_optimizers_need_their_exemption():
-    """An exemption stays only while one process alone misses TOL (so it cannot hide a wrapper's bug)."""
+def test_only_rounding_sensitive_optimizers_miss_the_tolerance_in_one_process():
+    """Every optimizer whose one-process floor misses TOL is listed. Whether adamw8bit's does depends on
+    whether a last-bit change lands on a quantisation boundary, which varies with the environment (6e-5 in
+    one venv, 6e-8 in another): an exempt optimizer is held to twice its measured floor or TOL, whichever is
+    larger, so an exemption that is not needed changes nothing."""
     results = worker_results("ddp")
-    assert {name for name, r in results.items() if r["floor_param_abs"] >= TOL} == set(ROUNDING_SENSITIVE)
+    assert {name for name, r in results.items() if r["floor_param_abs"] >= TOL} <= set(ROUNDING_SENSITIVE)
+    assert results["muon"]["floor_param_abs"] >= TOL  # bf16 Newton-Schulz: always above
 
 
 def test_every_optimizer_is_verified_or_refused_under_fsdp():

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from models.minigpt import GPTConfig, MiniGPT
@@ -17,10 +16,12 @@ from optim.schedules import build_scheduler, constant_scheduler
 from trainer import checkpoint as ckpt_io
 from trainer.anomaly import AnomalyGuard
 from trainer.config import ModelConfig, TrainConfig
-from trainer.data import RandomWindows, build_tokenizer, check_split_sizes, find_corpus, prepare_tokens
+from trainer.data import build_tokenizer, check_split_sizes, find_corpus, prepare_tokens
 from trainer.distributed import Dist, barrier, checkpoint_blocks, local_device, max_over_ranks, wrap
 from trainer.errors import ConfigError
 from trainer.runtime import autocast, check_precision, grad_scaler, pick_device, seed_everything, set_rng_state
+from trainer.sampling import WindowSampler
+from trainer.shards import TokenShards
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ class Run:
     optimizer_hook: Callable[[int], None] | None  # called after each step (e.g. Sophia's Hessian refresh)
     dist: Dist  # rank, world size, strategy (trainer/distributed.py)
     scaler: torch.amp.GradScaler
-    train_windows: RandomWindows
-    val_tokens: np.ndarray
+    train_windows: WindowSampler
+    val_tokens: TokenShards
     tokenizer: object
     seq_len: int
     start_step: int  # optimizer steps already done (0, or the resumed checkpoint's step)
@@ -83,10 +84,22 @@ def check_resumable(state: dict, d: Dist, ckpt: Path) -> None:
 
 
 def prepare_data(cfg: TrainConfig, progress: bool):
+    """The tokenizer and the memory-mapped token splits, tokenised first when the cache is missing."""
     cache_dir = Path(cfg.data.cache_dir).expanduser()
+    if cfg.data.kind == "hf":
+        from trainer.hfdata import cache_report, open_source
+        from trainer.hfprepare import prepare_hf
+
+        source = open_source(cfg.data)
+        tokenizer = build_tokenizer(cfg.tokenizer, source, cache_dir)
+        splits = prepare_hf(source, tokenizer, cache_dir, progress=progress)
+        if progress:
+            log.info("%s", cache_report(splits.train.directory.parent))
+        return tokenizer, splits
     corpus = find_corpus(cfg.data)
     tokenizer = build_tokenizer(cfg.tokenizer, corpus, cache_dir)
-    return tokenizer, prepare_tokens(corpus, tokenizer, cache_dir, cfg.data.val_fraction, progress=progress)
+    splits = prepare_tokens(corpus, tokenizer, cache_dir, cfg.data.val_fraction, progress, cfg.data.shard_tokens)
+    return tokenizer, splits
 
 
 def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
@@ -134,7 +147,9 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
     else:
         scheduler = build_scheduler(optimizer, cfg.schedule, t.max_steps)
     scaler = grad_scaler(t.precision, device)
-    windows = RandomWindows(splits.train, seq_len, t.micro_batch_size, t.seed, device, d.rank, d.world_size)
+    windows = WindowSampler(
+        splits.train, seq_len, t.micro_batch_size, t.seed, device, d.rank, d.world_size, cfg.data.sampling
+    )
     hook_ctx = HookContext(windows.peek, autocast(t.precision, device), t.grad_accum_steps, t.grad_clip)
     hook = build_hook(wrapped, optimizer, cfg.optimizer, hook_ctx)
     reduce_max = (lambda flags: max_over_ranks(flags, d)) if d.enabled else None
@@ -149,7 +164,10 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
             optimizer.train()  # schedule-free: checkpoints hold the eval-mode average; back to training
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        windows.load_state_dict(state["sampler"])
+        try:
+            windows.load_state_dict(state["sampler"])
+        except ValueError as e:
+            raise ConfigError(f"checkpoint {ckpt}: {e}") from None
         set_rng_state(state["rng"], device)
         start_step, loss_window = state["step"], tuple(state["loss_window"])
         train_seconds = state.get("train_seconds", 0.0)

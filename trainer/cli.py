@@ -8,6 +8,7 @@ no run directory is created for a command line that cannot work.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -52,6 +53,14 @@ def config_or_exit(overrides: list[str]) -> TrainConfig:
         typed = compose_config(overrides)
         if typed.data.kind == "text":
             find_corpus(typed.data)  # a missing data.path is reported before a run directory exists
+        if typed.data.kind == "hf" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            import datasets
+
+            from trainer.hfdata import open_source
+
+            datasets.logging.set_verbosity_error()  # its notes (a cached version used...) come with the run
+            open_source(typed.data)  # an unknown dataset, split or column (not under torchrun: every rank would)
+            datasets.logging.set_verbosity_warning()
         return typed
     except ConfigError as e:
         _exit(str(e))

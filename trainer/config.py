@@ -75,11 +75,25 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "stdlib"  # stdlib | text
+    kind: str = "stdlib"  # stdlib | text | hf
     path: str | None = None  # data=text: a file, a directory or a glob
     seq_len: int | None = None  # training sequence length; None: model.block_size
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # held out for validation (of the tokens; data=hf: of the documents)
     cache_dir: str = ".cache/data"  # token caches, keyed by corpus and tokenizer
+    sampling: str = "random"  # random | sequential windows (trainer/sampling.py)
+    shard_tokens: int = 100_000_000  # tokens per shard file at most
+    # data=hf (trainer/hfdata.py): datasets.load_dataset(name, subset, split=split, data_files=...)
+    name: str | None = None  # a hub id, a local dataset directory, or a save_to_disk directory
+    subset: str | None = None  # the dataset's configuration, e.g. sample-10BT
+    split: str = "train"
+    val_split: str | None = None  # a held-out split for validation; None: val_fraction of the documents
+    text_field: str = "text"
+    streaming: bool = False  # read the hub dataset as a stream instead of downloading it first
+    data_files: Any = None  # local files: a path, glob, list, or {split: paths}
+    data_format: str | None = None  # json | parquet | csv | text; None: from the data_files extension
+    num_proc: int | None = None  # tokenising processes; None: the CPU count, at most 8
+    max_tokens: int | None = None  # stop after this many tokens (train + val): a subset of a large dataset
+    val_max_tokens: int = 10_000_000  # data.val_split: tokens kept from it at most
 
 
 @dataclass
@@ -212,7 +226,8 @@ def to_typed(cfg: DictConfig | Any) -> TrainConfig:
 
 
 CHOICES = {
-    "data.kind": ("stdlib", "text"),
+    "data.kind": ("stdlib", "text", "hf"),
+    "data.sampling": ("random", "sequential"),
     "tokenizer.kind": ("byte", "char", "bpe", "hf"),
     "schedule.name": ("constant", "linear", "cosine", "wsd", "step", "exponential", "inverse_sqrt"),
     "schedule.decay_type": ("linear", "cosine", "1-sqrt"),
@@ -278,6 +293,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
     if cfg.data.kind == "text" and not cfg.data.path:
         raise ConfigError("data=text needs data.path=FILE, DIRECTORY or GLOB")
+    d = cfg.data
+    if d.kind == "hf" and not (d.name or d.data_files):
+        raise ConfigError("data=hf needs data.name=HUB_ID or a local dataset directory, or data.data_files=PATHS")
+    if d.shard_tokens < 1 or (d.max_tokens is not None and d.max_tokens < 1) or d.val_max_tokens < 1:
+        raise ConfigError("data.shard_tokens, data.max_tokens and data.val_max_tokens must be at least 1")
+    if d.num_proc is not None and d.num_proc < 1:
+        raise ConfigError(f"data.num_proc={d.num_proc} must be at least 1 (or null for the CPU count)")
+    if d.data_format not in (None, "json", "parquet", "csv", "text", "arrow"):
+        raise ConfigError(f"data.data_format={d.data_format!r} is not one of json, parquet, csv, text, arrow")
     if cfg.tokenizer.kind == "hf" and not cfg.tokenizer.name:
         raise ConfigError("tokenizer=hf needs tokenizer.name=HUB_ID or a local directory")
     if cfg.tokenizer.kind == "bpe" and not 257 <= cfg.tokenizer.vocab_size <= 2**20:

@@ -1,11 +1,11 @@
-"""Corpus -> tokenizer -> token cache -> random training windows.
+"""Local text corpora -> tokenizer -> sharded token cache.
 
 The corpus is a list of text files: the running Python's standard-library sources (`data=stdlib`,
 no download) or the user's files (`data=text`). Documents are put in a fixed pseudo-random order,
-tokenised once with an end-of-text id between them where the tokenizer has one, and written as a
-uint16/uint32 memmap cache keyed by the corpus and tokenizer. The last `val_fraction` of the tokens is
-the validation split. Batches are random windows drawn by a seeded torch.Generator whose state goes
-into each checkpoint, so a resumed run sees the same batches.
+tokenised once with an end-of-text id between them where the tokenizer has one, and written as
+sharded uint16/uint32 token files (trainer/shards.py) keyed by the corpus and tokenizer. The last
+`val_fraction` of the tokens is the validation split. Hugging Face datasets (`data=hf`) take the
+same route through trainer/hfdata.py; batches are drawn by trainer/sampling.py.
 """
 
 from __future__ import annotations
@@ -22,20 +22,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from trainer.config import DataConfig, TokenizerConfig
 from trainer.errors import ConfigError
+from trainer.shards import ShardWriter, TokenShards, token_dtype
 from trainer.tokenizers import ByteTokenizer, CharTokenizer, load_hf_tokenizer, load_tokenizer, train_bpe
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: sharded token files (trainer/shards.py)
 
 
 @dataclass
 class Corpus:
+    kind: str
     files: list[Path]
     fingerprint: str  # changes when any file is added, removed, resized or touched
+
+    @property
+    def n_texts(self) -> int:
+        return len(self.files)
 
     def texts(self) -> Iterator[str]:
         for path in self.files:
@@ -59,7 +64,7 @@ def find_corpus(cfg: DataConfig) -> Corpus:
     for p in files:
         st = p.stat()
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return Corpus(files, h.hexdigest()[:16])
+    return Corpus(cfg.kind, files, h.hexdigest()[:16])
 
 
 def _stdlib_sources() -> list[Path]:
@@ -90,8 +95,10 @@ def _text_files(path: str | None) -> list[Path]:
     return files
 
 
-def build_tokenizer(cfg: TokenizerConfig, corpus: Corpus, cache_dir: Path):
-    """Byte and HF tokenizers need no corpus; char and BPE are built from it once and cached."""
+def build_tokenizer(cfg: TokenizerConfig, corpus, cache_dir: Path):
+    """Byte and HF tokenizers need no corpus; char and BPE are built from it once and cached.
+
+    `corpus` is a Corpus or anything with `texts()`, `n_texts` and `fingerprint` (trainer/hfdata.py)."""
     if cfg.kind == "byte":
         return ByteTokenizer()
     if cfg.kind == "hf":
@@ -103,7 +110,7 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: Corpus, cache_dir: Path):
     if cfg.kind == "char":
         tok = CharTokenizer.from_texts(corpus.texts())
     else:
-        tok = train_bpe(corpus.texts, len(corpus.files), cfg.vocab_size)
+        tok = train_bpe(corpus.texts, corpus.n_texts, cfg.vocab_size)
     with _atomic_dir(saved) as tmp:
         tok.save(tmp)
     return tok
@@ -111,13 +118,23 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: Corpus, cache_dir: Path):
 
 @dataclass
 class TokenSplits:
-    train: np.ndarray  # memmaps over the cache files
-    val: np.ndarray
+    train: TokenShards  # memory-mapped sharded token files (trainer/shards.py)
+    val: TokenShards
     meta: dict
 
 
+def open_splits(target: Path) -> TokenSplits:
+    meta = json.loads((target / "meta.json").read_text())
+    return TokenSplits(TokenShards(target / "train"), TokenShards(target / "val"), meta)
+
+
 def prepare_tokens(
-    corpus: Corpus, tokenizer, cache_dir: Path, val_fraction: float, progress: bool = True
+    corpus: Corpus,
+    tokenizer,
+    cache_dir: Path,
+    val_fraction: float,
+    progress: bool = True,
+    shard_tokens: int = 100_000_000,
 ) -> TokenSplits:
     """Tokenise the corpus once; later runs with the same corpus and tokenizer memory-map the cache."""
     key = hashlib.sha256(
@@ -127,21 +144,20 @@ def prepare_tokens(
     if not (target / "meta.json").exists():
         tokens = _tokenize(corpus, tokenizer, progress)
         n_val = max(1, int(len(tokens) * val_fraction))
-        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-        meta = {
-            "format": CACHE_FORMAT, "corpus": corpus.fingerprint, "tokenizer": tokenizer.identity,
-            "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name, "documents": len(corpus.files),
-            "train_tokens": len(tokens) - n_val, "val_tokens": n_val,
-        }  # fmt: skip
+        dtype = token_dtype(tokenizer.vocab_size)
         with _atomic_dir(target) as tmp:
-            tokens[:-n_val].astype(dtype).tofile(tmp / "train.bin")
-            tokens[-n_val:].astype(dtype).tofile(tmp / "val.bin")
+            for split, part in (("train", tokens[:-n_val]), ("val", tokens[-n_val:])):
+                writer = ShardWriter(tmp / split, dtype, shard_tokens)
+                writer.write(part)
+                writer.finish(tokenizer=tokenizer.identity)
+            meta = {
+                "format": CACHE_FORMAT, "source": f"{corpus.kind}:{corpus.fingerprint}",
+                "tokenizer": tokenizer.identity,
+                "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "documents": len(corpus.files),
+                "train_tokens": len(tokens) - n_val, "val_tokens": n_val,
+            }  # fmt: skip
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    meta = json.loads((target / "meta.json").read_text())
-    dtype = np.dtype(meta["dtype"])
-    train = np.memmap(target / "train.bin", dtype=dtype, mode="r") if meta["train_tokens"] else np.zeros(0)
-    val = np.memmap(target / "val.bin", dtype=dtype, mode="r")
-    return TokenSplits(train, val, meta)
+    return open_splits(target)
 
 
 def _tokenize(corpus: Corpus, tokenizer, progress: bool, batch_docs: int = 64) -> np.ndarray:
@@ -186,46 +202,3 @@ def check_split_sizes(splits: TokenSplits, seq_len: int, micro_batch_size: int) 
             f"needs {need_train} train and {seq_len + 1} val tokens; use more text or lower "
             f"model.block_size / data.seq_len / trainer.micro_batch_size"
         )
-
-
-class RandomWindows:
-    """Batches of random (input, target) windows from a token array, drawn by a seeded generator.
-
-    Under data parallelism every rank draws the starts of the whole global batch (world x batch_size)
-    from the same generator and keeps its own slice: ranks see different windows, together exactly the
-    windows one process with the global batch would see, and the generator state is the same on every
-    rank (so one checkpointed state resumes any world size).
-    """
-
-    def __init__(
-        self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, device: torch.device,
-        rank: int = 0, world: int = 1,
-    ):  # fmt: skip
-        self.tokens, self.seq_len, self.batch_size, self.device = tokens, seq_len, batch_size, device
-        self.rank, self.world = rank, world
-        self.generator = torch.Generator().manual_seed(seed)
-        self._offsets = np.arange(seq_len + 1)
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        high = len(self.tokens) - self.seq_len  # window start in [0, high)
-        starts = torch.randint(0, high, (self.batch_size * self.world,), generator=self.generator).numpy()
-        starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        window = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
-        if self.device.type == "cuda":
-            window = window.pin_memory().to(self.device, non_blocking=True)
-        else:
-            window = window.to(self.device)
-        return window[:, :-1], window[:, 1:]
-
-    def peek(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The next n batches, without consuming them: the training stream is unchanged."""
-        state = self.generator.get_state()
-        batches = [self.next_batch() for _ in range(n)]
-        self.generator.set_state(state)
-        return batches
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])

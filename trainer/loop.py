@@ -20,15 +20,14 @@ from tqdm.auto import tqdm
 from optim.builder import family_stats, state_bytes_measured
 from trainer import checkpoint as ckpt_io
 from trainer.build import Run, optimizer_format
-from trainer.data import RandomWindows
 from trainer.distributed import any_rank, grad_sync, mean_over_ranks
 from trainer.metrics import MetricsLogger
 from trainer.perf import TrainClock, peak_tflops, perf_record
 from trainer.runtime import StopSignal, autocast, rng_state
+from trainer.sampling import validation_windows
 from trainer.stats import StatsProbe
 
 log = logging.getLogger(__name__)
-VAL_SEED = 0  # every evaluation reads the same validation windows, so evals compare like with like
 
 
 @dataclass
@@ -101,10 +100,11 @@ def optimizer_eval_mode(optimizer: torch.optim.Optimizer):
 
 @torch.no_grad()
 def evaluate(run: Run) -> float:
-    """Mean loss over trainer.eval_steps fixed validation batches."""
+    """Mean loss over trainer.eval_steps validation batches: the first ones of the split, the same at every
+    evaluation (so evals compare like with like) and disjoint across ranks."""
     t = run.cfg.trainer
     d = run.dist
-    windows = RandomWindows(run.val_tokens, run.seq_len, t.micro_batch_size, VAL_SEED, run.device, d.rank, d.world_size)
+    windows = validation_windows(run.val_tokens, run.seq_len, t.micro_batch_size, run.device, d.rank, d.world_size)
     run.step_model.eval()
     losses = torch.zeros(t.eval_steps, device=run.device)
     with autocast(t.precision, run.device), optimizer_eval_mode(run.optimizer):
