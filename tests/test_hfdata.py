@@ -261,3 +261,21 @@ def test_the_gpt2_presets_hold_the_llm_c_recipe_and_fail_offline_with_one_line(t
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "HuggingFaceFW/fineweb-edu" in lines[0], proc.stderr
+
+
+def test_bench_data_prints_one_json_line_per_result(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus(40_000))
+    args = ["data=text", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "tokenizer.vocab_size=300",
+            "--docs", "5", "--repeats", "1", "--loader-tokens", "300000", "--shard-tokens", "100000", "--batches", "5",
+            "--batch-size", "4", "--seq-len", "64"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "scripts/bench_data.py", *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]  # (BPE training's bar: blank)
+    assert [(r["bench"], r["impl"]) for r in records] == [
+        ("tokenize", "baseline_single_process"), ("tokenize", "prepare_num_proc_1"), ("tokenize", "prepare_num_proc_2"),
+        ("load", "baseline_numpy_one_shard"), ("load", "sampler_across_shards"),
+    ]  # fmt: skip
+    assert len({r["tokens"] for r in records[:3]}) == 1 and all(r["tokens_per_s"] > 0 for r in records)
+    assert records[-1]["shards"] == 3 and records[-1]["vs_gpt2_h100_step"] > 0
