@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from trainer.cli import _exit, config_or_exit  # noqa: E402
+from trainer.cli import config_or_exit, exit_with_error  # noqa: E402
 from trainer.data import build_tokenizer, find_corpus  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
 from trainer.hfprepare import tokenize_chunk  # noqa: E402
@@ -122,12 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_or_exit(overrides)
     if not args.skip_tokenize:
         if cfg.data.kind == "hf":
-            _exit("bench_data.py tokenises a local corpus (data=stdlib or data=text)")
+            exit_with_error("bench_data.py tokenises a local corpus (data=stdlib or data=text)")
         try:
             corpus = find_corpus(cfg.data)
             tokenizer = build_tokenizer(cfg.tokenizer, corpus, Path(cfg.data.cache_dir).expanduser())
         except ConfigError as e:
-            _exit(str(e))
+            exit_with_error(str(e))
         texts = [t for _, t in zip(range(args.docs), corpus.texts(), strict=False)]
         bench_tokenizing(tokenizer, texts, args.repeats)
     with tempfile.TemporaryDirectory(dir=cfg.data.cache_dir if os.path.isdir(cfg.data.cache_dir) else None) as tmp:

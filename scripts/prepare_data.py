@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.build import prepare_data  # noqa: E402
-from trainer.cli import _exit, config_or_exit  # noqa: E402
+from trainer.cli import config_or_exit, exit_with_error  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
     try:
         tokenizer, splits = prepare_data(cfg, progress=True)
     except ConfigError as e:
-        _exit(str(e))
+        exit_with_error(str(e))
     for name, split in (("train", splits.train), ("val", splits.val)):
         shards = f"{len(split.shards)} shard(s) of {split.dtype.name}"
         print(f"{name}: {len(split):,} tokens in {shards} at {split.directory}")

@@ -63,9 +63,10 @@ def config_or_exit(overrides: list[str]) -> TrainConfig:
             datasets.logging.set_verbosity_warning()
         return typed
     except ConfigError as e:
-        _exit(str(e))
+        exit_with_error(str(e))
     except (HydraException, OmegaConfBaseException) as e:
-        _exit(f"{one_line(e)} (see `python train.py --help` for groups and options, `--cfg job` for every key)")
+        hint = "see `python train.py --help` for groups and options, `--cfg job` for every key"
+        exit_with_error(f"{one_line(e)} ({hint})")
 
 
 def scratch_run(overrides: list[str]):
@@ -79,7 +80,7 @@ def scratch_run(overrides: list[str]):
         with tempfile.TemporaryDirectory() as tmp:
             return setup_run(cfg, Path(tmp))
     except ConfigError as e:
-        _exit(str(e))
+        exit_with_error(str(e))
 
 
 def precheck(argv: list[str]) -> None:
@@ -91,6 +92,6 @@ def precheck(argv: list[str]) -> None:
         config_or_exit(argv)
 
 
-def _exit(message: str) -> None:
+def exit_with_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)

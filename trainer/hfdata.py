@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import DataConfig
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, hub_unreachable
 
 log = logging.getLogger(__name__)
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv",
@@ -68,10 +68,10 @@ def _data_format(cfg: DataConfig) -> str:
 
 
 def _files(files):
-    """OmegaConf lists and dicts into plain ones, with ~ expanded."""
-    if isinstance(files, dict) or hasattr(files, "items"):
+    """data.data_files as datasets takes it (a path, a list, or {split: path or list}), with ~ expanded."""
+    if isinstance(files, dict):
         return {k: _files(v) for k, v in files.items()}
-    if isinstance(files, (list, tuple)) or hasattr(files, "__len__") and not isinstance(files, str):
+    if isinstance(files, (list, tuple)):
         return [os.path.expanduser(str(f)) for f in files]
     return os.path.expanduser(str(files))
 
@@ -139,10 +139,8 @@ def _open_split(cfg: DataConfig, split: str):
             f"at local files"
         ) from None
     except ConnectionError:
-        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
-        where = "the hub is offline (HF_HUB_OFFLINE is set)" if offline else "the hub could not be reached"
         raise ConfigError(
-            f"{what} is not in the local datasets cache and {where}: run once with network access (log in "
+            f"{what} is not in the local datasets cache and {hub_unreachable()}: run once with network access (log in "
             f"for gated datasets) to fill the cache and then set HF_HUB_OFFLINE=1, or point data.data_files at "
             f"local files"
         ) from None

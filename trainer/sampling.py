@@ -19,8 +19,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
 
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: a well-mixed 64-bit hash of each element (uint64 arithmetic wraps)."""
@@ -117,10 +115,6 @@ class WindowSampler:
         batches = [self.next_batch() for _ in range(n)]
         self.consumed = consumed
         return batches
-
-    @property
-    def epoch(self) -> float:
-        return self.consumed / self.n
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "mode": self.mode, "windows": self.n}

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, hub_unreachable
 
 EOT = "<|endoftext|>"
 
@@ -136,11 +135,9 @@ def load_hf_tokenizer(name: str) -> HFTokenizer:
         hf_logging.set_verbosity_error()
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, ImportError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
-        where = "the hub is offline (HF_HUB_OFFLINE is set)" if offline else "the hub could not be reached"
         raise ConfigError(
             f"tokenizer.name={name!r} is not available offline: it is not in the local Hugging Face cache "
-            f"and {where} ({type(e).__name__}). Download it once with network access, or set "
+            f"and {hub_unreachable()} ({type(e).__name__}). Download it once with network access, or set "
             f"tokenizer.name to a local directory holding tokenizer files"
         ) from None
     if hasattr(tok, "backend_tokenizer"):
