@@ -1,6 +1,6 @@
 """Entry point: `python train.py [group=option ...] [key=value ...] [+experiment=NAME]`.
 
-Hydra composes configs/train.yaml with the chosen group options; trainer/run.py does the rest.
+Hydra composes configs/train.yaml with the chosen group options; trainer/entry/run.py does the rest.
 """
 
 import sys
@@ -10,15 +10,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from trainer.cli import precheck
 from trainer.config import register_configs
+from trainer.entry.cli import precheck
 
 register_configs()
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from trainer.run import RunFailed, run
+    from trainer.entry.run import RunFailed, run
 
     try:
         return run(cfg, Path(HydraConfig.get().runtime.output_dir))

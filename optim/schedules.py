@@ -9,6 +9,7 @@ and the tests check that `linear` with no floor equals transformers' linear sche
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -19,9 +20,43 @@ from transformers.optimization import (
     get_wsd_schedule,
 )
 
-from trainer.config import ScheduleConfig
-
 LambdaLR = torch.optim.lr_scheduler.LambdaLR
+DECAY_TYPES = ("linear", "cosine", "1-sqrt")
+
+
+@dataclass
+class ScheduleConfig:
+    """The schema of configs/schedule/*.yaml (trainer/config.py stores it in Hydra's ConfigStore)."""
+
+    name: str = "cosine"  # one of SCHEDULES
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # the lr floor, as a fraction of optimizer.lr
+    decay_fraction: float = 0.2  # wsd: the share of max_steps spent decaying
+    decay_type: str = "linear"  # wsd: linear | cosine | 1-sqrt
+    step_size: int = 1000  # step: steps between decays
+    gamma: float = 0.5  # step: the factor applied at each decay
+    timescale: int | None = None  # inverse_sqrt: lr = peak * sqrt(timescale / (step + timescale - warmup))
+
+    def validate(self) -> None:
+        """ValueError naming the first bad value (trainer/config.py reports it as one line)."""
+        if self.name not in SCHEDULES:
+            raise ValueError(f"schedule.name={self.name!r} is not one of {', '.join(SCHEDULES)}")
+        if self.decay_type not in DECAY_TYPES:
+            raise ValueError(f"schedule.decay_type={self.decay_type!r} is not one of {', '.join(DECAY_TYPES)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"schedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError(f"schedule.decay_fraction={self.decay_fraction} must be in [0, 1]")
+        if self.step_size < 1 or not 0.0 < self.gamma <= 1.0:
+            raise ValueError(
+                f"schedule.step_size={self.step_size} must be >= 1 and schedule.gamma={self.gamma} in (0, 1]"
+            )
+        if self.timescale is not None and self.timescale < 1:
+            raise ValueError(f"schedule.timescale={self.timescale} must be >= 1 (or null)")
+        if self.name == "exponential" and self.min_lr_ratio <= 0:
+            raise ValueError("schedule=exponential decays to schedule.min_lr_ratio, which must be > 0")
 
 
 def _warmup(step: int, warmup: int) -> float:
@@ -51,30 +86,51 @@ def exponential_factor(step: int, *, warmup: int, max_steps: int, floor: float) 
     return floor**progress
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_steps: int) -> LambdaLR:
-    warmup = min(cfg.warmup_steps, max_steps)
-    floor = cfg.min_lr_ratio
-    if cfg.name == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup)
-    if cfg.name == "cosine":
-        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, max_steps, min_lr_rate=floor)
-    if cfg.name == "wsd":
-        decay = round(max_steps * cfg.decay_fraction)
-        return get_wsd_schedule(
-            optimizer, num_warmup_steps=warmup, num_decay_steps=decay,
-            num_stable_steps=max(0, max_steps - warmup - decay), decay_type=cfg.decay_type, min_lr_ratio=floor,
-        )  # fmt: skip
-    if cfg.name == "inverse_sqrt":
-        return get_inverse_sqrt_schedule(optimizer, warmup, timescale=cfg.timescale)
-    if cfg.name == "linear":
-        fn = partial(linear_factor, warmup=warmup, max_steps=max_steps, floor=floor)
-    elif cfg.name == "step":
-        fn = partial(step_factor, warmup=warmup, step_size=cfg.step_size, gamma=cfg.gamma, floor=floor)
-    elif cfg.name == "exponential":
-        fn = partial(exponential_factor, warmup=warmup, max_steps=max_steps, floor=floor)  # validated > 0
-    else:
-        raise ValueError(f"unknown schedule {cfg.name!r}")
+def _constant(optimizer, cfg: ScheduleConfig, warmup: int, max_steps: int) -> LambdaLR:
+    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def _cosine(optimizer, cfg: ScheduleConfig, warmup: int, max_steps: int) -> LambdaLR:
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, max_steps, min_lr_rate=cfg.min_lr_ratio)
+
+
+def _wsd(optimizer, cfg: ScheduleConfig, warmup: int, max_steps: int) -> LambdaLR:
+    decay = round(max_steps * cfg.decay_fraction)
+    return get_wsd_schedule(
+        optimizer, num_warmup_steps=warmup, num_decay_steps=decay,
+        num_stable_steps=max(0, max_steps - warmup - decay), decay_type=cfg.decay_type,
+        min_lr_ratio=cfg.min_lr_ratio,
+    )  # fmt: skip
+
+
+def _inverse_sqrt(optimizer, cfg: ScheduleConfig, warmup: int, max_steps: int) -> LambdaLR:
+    return get_inverse_sqrt_schedule(optimizer, warmup, timescale=cfg.timescale)
+
+
+def _linear(optimizer, cfg: ScheduleConfig, warmup: int, max_steps: int) -> LambdaLR:
+    return LambdaLR(optimizer, partial(linear_factor, warmup=warmup, max_steps=max_steps, floor=cfg.min_lr_ratio))
+
+
+def _step(optimizer, cfg: ScheduleConfig, warmup: int, max_steps: int) -> LambdaLR:
+    fn = partial(step_factor, warmup=warmup, step_size=cfg.step_size, gamma=cfg.gamma, floor=cfg.min_lr_ratio)
     return LambdaLR(optimizer, fn)
+
+
+def _exponential(optimizer, cfg: ScheduleConfig, warmup: int, max_steps: int) -> LambdaLR:
+    fn = partial(exponential_factor, warmup=warmup, max_steps=max_steps, floor=cfg.min_lr_ratio)  # validated > 0
+    return LambdaLR(optimizer, fn)
+
+
+# name -> builder: the one list of schedules (configs/schedule/<name>.yaml is tested against it)
+BUILDERS = {
+    "constant": _constant, "linear": _linear, "cosine": _cosine, "wsd": _wsd, "step": _step,
+    "exponential": _exponential, "inverse_sqrt": _inverse_sqrt,
+}  # fmt: skip
+SCHEDULES = tuple(BUILDERS)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_steps: int) -> LambdaLR:
+    return BUILDERS[cfg.name](optimizer, cfg, min(cfg.warmup_steps, max_steps), max_steps)
 
 
 def _one(step: int) -> float:
@@ -89,6 +145,3 @@ def constant_scheduler(optimizer: torch.optim.Optimizer) -> LambdaLR:
 def lr_factor(scheduler: LambdaLR, step: int) -> float:
     """The schedule's factor at `step` (the lr of step `step` is optimizer.lr times this)."""
     return scheduler.lr_lambdas[0](step)
-
-
-SCHEDULES = ("constant", "linear", "cosine", "wsd", "step", "exponential", "inverse_sqrt")

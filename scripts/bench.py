@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from trainer.cli import scratch_run  # noqa: E402
+from trainer.entry.cli import scratch_run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

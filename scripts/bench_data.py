@@ -29,12 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from trainer.cli import config_or_exit, exit_with_error  # noqa: E402
-from trainer.data import build_tokenizer, find_corpus  # noqa: E402
+from trainer.data.corpus import find_corpus  # noqa: E402
+from trainer.data.hfprepare import tokenize_chunk  # noqa: E402
+from trainer.data.sampling import WindowSampler  # noqa: E402
+from trainer.data.shards import ShardWriter, TokenShards  # noqa: E402
+from trainer.data.tokenizers import build_tokenizer  # noqa: E402
+from trainer.entry.cli import config_or_exit, exit_with_error  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
-from trainer.hfprepare import tokenize_chunk  # noqa: E402
-from trainer.sampling import WindowSampler  # noqa: E402
-from trainer.shards import ShardWriter, TokenShards  # noqa: E402
 
 GPT2_H100_TOKENS_PER_S = 1.0e6  # what one model=gpt2 training step consumes on an H100 (the figure)
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from models.minigpt import MiniGPT  # noqa: E402
 from optim.builder import BuildContext, build_optimizer, load_all, param_groups  # noqa: E402
 from trainer.build import model_config  # noqa: E402
-from trainer.cli import compose_config  # noqa: E402
+from trainer.entry.cli import compose_config  # noqa: E402
 
 VARIANTS = {"adamw+lookahead": ("adamw", ["optimizer.lookahead.k=5"])}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer.cli import scratch_run  # noqa: E402
+from trainer.entry.cli import scratch_run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,10 +34,10 @@ from models.minigpt import GPTConfig, MiniGPT  # noqa: E402
 from trainer import checkpoint as ckpt_io  # noqa: E402
 from trainer.build import prepare_data  # noqa: E402
 from trainer.config import DataConfig, DeviceKind, TokenizerConfig  # noqa: E402
-from trainer.data import check_split_sizes  # noqa: E402
+from trainer.data.corpus import check_split_sizes  # noqa: E402
+from trainer.data.sampling import validation_windows  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
 from trainer.runtime import pick_device  # noqa: E402
-from trainer.sampling import validation_windows  # noqa: E402
 
 
 def load_model(ckpt: Path) -> MiniGPT:

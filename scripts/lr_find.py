@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from tqdm import tqdm
 
-    from trainer.cli import scratch_run
+    from trainer.entry.cli import scratch_run
 
     run = scratch_run(args.overrides)
 

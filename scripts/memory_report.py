@@ -23,7 +23,7 @@ from models.minigpt import MiniGPT  # noqa: E402
 from optim.builder import load_all  # noqa: E402
 from optim.memory import state_report  # noqa: E402
 from trainer.build import model_config  # noqa: E402
-from trainer.cli import compose_config  # noqa: E402
+from trainer.entry.cli import compose_config  # noqa: E402
 
 VARIANTS = {"adamw+lookahead": ("adamw", ["optimizer.lookahead.k=5"])}
 

@@ -18,8 +18,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from optim.schedules import SCHEDULES, build_scheduler, lr_factor  # noqa: E402
-from trainer.config import ScheduleConfig  # noqa: E402
+from optim.schedules import (  # noqa: E402
+    SCHEDULES,
+    ScheduleConfig,  # noqa: E402
+    build_scheduler,
+    lr_factor,
+)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.build import prepare_data  # noqa: E402
-from trainer.cli import config_or_exit, exit_with_error  # noqa: E402
+from trainer.entry.cli import config_or_exit, exit_with_error  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
 
 

@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.minigpt import GPTConfig, MiniGPT  # noqa: E402
 from trainer import checkpoint as ckpt_io  # noqa: E402
 from trainer.config import DeviceKind  # noqa: E402
+from trainer.data.tokenizers import load_tokenizer  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
 from trainer.loop import generate_text  # noqa: E402
 from trainer.runtime import pick_device  # noqa: E402
-from trainer.tokenizers import load_tokenizer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from optim.builder import BuildContext, build_optimizer, load_all  # noqa: E402
-from trainer.cli import compose_config  # noqa: E402
+from trainer.entry.cli import compose_config  # noqa: E402
 
 SKIP = {"sophia": "its Hessian refresh (build_hook) needs language-model batches to sample labels from the model's "
                   "logits; without it SophiaG is sign descent with momentum"}  # fmt: skip

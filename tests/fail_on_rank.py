@@ -31,7 +31,7 @@ def main() -> None:
     original_fit, original_train_step = loop.fit, loop.train_step
     done = {"step": 0}
 
-    def fit(run, metrics):  # trainer/run.py imports fit from trainer.loop when it runs, so it gets this one
+    def fit(run, metrics):  # trainer/entry/run.py imports fit from trainer.loop when it runs, so it gets this one
         done["step"] = run.start_step
         return original_fit(run, metrics)
 

@@ -1,4 +1,4 @@
-"""Anomaly detection and actions (trainer/anomaly.py) on injected NaN losses and loss spikes.
+"""Anomaly detection and actions (trainer/telemetry/anomaly.py) on injected NaN losses and loss spikes.
 
 The injection multiplies the training loss of chosen optimizer steps by NaN or by a large factor (the
 gradient scales with it, so a spike is also a gradient explosion), through a wrapper around the
@@ -17,10 +17,10 @@ from conftest import compose_cfg, tiny_overrides
 
 from models.minigpt import GPTConfig, MiniGPT
 from trainer import checkpoint as ckpt_io
-from trainer.anomaly import AnomalyGuard
 from trainer.config import AnomalyConfig
+from trainer.entry.run import run
 from trainer.loop import train_step
-from trainer.run import run
+from trainer.telemetry.anomaly import AnomalyGuard
 
 
 @pytest.fixture

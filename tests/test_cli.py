@@ -174,7 +174,7 @@ def test_bench_prints_one_json_line(tmp_path, corpus_file):
 
 @pytest.mark.parametrize("script", ["scripts/bench.py", "scripts/bench_stats.py", "scripts/lr_find.py"])
 def test_step_scripts_report_a_too_short_corpus_in_one_line(tmp_path, script):
-    """Found while building the run, not while composing the config: trainer.cli.scratch_run reports it."""
+    """Found while building the run, not while composing the config: trainer.entry.cli.scratch_run reports it."""
     short = tmp_path / "short.txt"
     short.write_text("only a few words here\n")
     proc = cli("data=text", f"data.path={short}", f"data.cache_dir={tmp_path}/c", script=script)

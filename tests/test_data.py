@@ -10,14 +10,13 @@ import pytest
 from conftest import make_corpus
 
 from trainer.config import DataConfig, TokenizerConfig
-from trainer.data import (
-    build_tokenizer,
+from trainer.data.corpus import (
     check_split_sizes,
     find_corpus,
     prepare_tokens,
 )
+from trainer.data.tokenizers import ByteTokenizer, build_tokenizer, load_hf_tokenizer, load_tokenizer
 from trainer.errors import ConfigError
-from trainer.tokenizers import ByteTokenizer, load_hf_tokenizer, load_tokenizer
 
 TEXT = "def f(x):\n    return x * 2  # naïve — ünïcode ✓\n"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, make_corpus, tiny_overrides
 
-from trainer.run import restarts_share_the_store
+from trainer.entry.run import restarts_share_the_store
 
 ENV = {
     k: v

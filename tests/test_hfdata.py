@@ -16,10 +16,10 @@ from conftest import REPO, make_corpus
 from hf_fixtures import make_cached_hub_dataset
 
 from trainer.build import prepare_data
-from trainer.cli import compose_config
+from trainer.data.hf import cache_report, open_source
+from trainer.data.hfprepare import prepare_hf
+from trainer.entry.cli import compose_config
 from trainer.errors import ConfigError
-from trainer.hfdata import cache_report, open_source
-from trainer.hfprepare import prepare_hf
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -13,7 +13,7 @@ import torch
 from conftest import compose_cfg, make_corpus, tiny_overrides
 
 from trainer import checkpoint as ckpt_io
-from trainer.run import run
+from trainer.entry.run import run
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("loss_landscape", REPO / "scripts" / "loss_landscape.py")

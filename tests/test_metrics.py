@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainer.config import WandbConfig, WandbMode
-from trainer.metrics import MetricsLogger, resolve_wandb_mode
+from trainer.telemetry.metrics import MetricsLogger, resolve_wandb_mode
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_wandb_gets_the_jsonl_keys_grouped_by_prefix(tmp_path, corpus_file, monk
     import wandb
     from conftest import compose_cfg, tiny_overrides
 
-    from trainer.run import run
+    from trainer.entry.run import run
 
     logged: dict[int, dict] = {}
 
@@ -95,7 +95,7 @@ def test_wandb_gets_the_jsonl_keys_grouped_by_prefix(tmp_path, corpus_file, monk
 
 
 def test_mfu_uses_the_gpus_dense_bf16_peak(monkeypatch):
-    from trainer import perf
+    from trainer.telemetry import perf
 
     monkeypatch.setattr(perf.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(perf.torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)

@@ -1,5 +1,5 @@
 """Optimizer-state statistics (optim/stats.py, each family's `stats` next to its optimizer) through the
-trainer's real path: a tiny MiniGPT, a few real optimizer steps, `StatsProbe` (trainer/stats.py) around
+trainer's real path: a tiny MiniGPT, a few real optimizer steps, `StatsProbe` (trainer/telemetry/probe.py) around
 the last one, and every statistic recomputed here by hand with plain torch on the state tensors.
 
 Medians come from a log10 histogram, so they are exact only to within one bin (a factor
@@ -23,7 +23,7 @@ from optim.quantize8bit import dequantize_blockwise, quantize_blockwise
 from optim.sophia import gnb_hessian_update
 from optim.stats import BINS_PER_DECADE, Reducer
 from trainer.config import to_typed
-from trainer.stats import StatsProbe, layer_of
+from trainer.telemetry.probe import StatsProbe, layer_of
 
 REL = 1e-5
 BIN = 10 ** (1 / BINS_PER_DECADE)  # a median from the histogram is within this factor

@@ -12,7 +12,7 @@ import pytest
 from conftest import compose_cfg, tiny_overrides
 
 from optim.builder import load_all
-from trainer.run import run
+from trainer.entry.run import run
 
 # (name, extra overrides): every registered optimizer, plus Lookahead wrapping two of them
 VARIANTS = [(name, {}) for name in sorted(load_all())]

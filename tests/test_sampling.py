@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.sampling import WindowSampler, permute, validation_windows
-from trainer.shards import ShardWriter, TokenShards
+from trainer.data.sampling import WindowSampler, permute, validation_windows
+from trainer.data.shards import ShardWriter, TokenShards
 
 CPU = torch.device("cpu")
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 from transformers.optimization import get_inverse_sqrt_schedule, get_linear_schedule_with_warmup
 
-from optim.schedules import SCHEDULES, build_scheduler, constant_scheduler, lr_factor
-from trainer.config import ScheduleConfig
+from optim.schedules import SCHEDULES, ScheduleConfig, build_scheduler, constant_scheduler, lr_factor
 
 
 def sgd() -> torch.optim.Optimizer:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from trainer.shards import ShardWriter, TokenShards, shard_name, token_dtype
+from trainer.data.shards import ShardWriter, TokenShards, shard_name, token_dtype
 
 
 def write_split(directory, tokens: np.ndarray, shard_tokens: int, dtype=np.uint16, pieces: int = 7) -> TokenShards:
@@ -82,8 +82,8 @@ def test_reading_a_split_larger_than_the_memory_allowed_keeps_memory_flat(tmp_pa
     writer.finish()
     code = textwrap.dedent(f"""
         import resource, numpy as np, torch
-        from trainer.shards import TokenShards
-        from trainer.sampling import WindowSampler
+        from trainer.data.shards import TokenShards
+        from trainer.data.sampling import WindowSampler
 
         def status(key):
             for line in open("/proc/self/status"):

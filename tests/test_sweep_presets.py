@@ -16,8 +16,8 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep
 from omegaconf import OmegaConf
 
 from optim.builder import load_all
-from trainer.cli import compose_config
 from trainer.config import register_configs
+from trainer.entry.cli import compose_config
 
 OPTIMIZERS = sorted(load_all())
 

@@ -18,9 +18,9 @@ from trainer import checkpoint as ckpt_io
 from trainer.build import setup_run
 from trainer.config import to_typed
 from trainer.distributed import Dist
+from trainer.entry.run import run
 from trainer.errors import ConfigError
 from trainer.loop import train_step
-from trainer.run import run
 
 
 def train(tmp_path: Path, corpus: Path, run_dir: Path, extra: dict | None = None) -> list[dict]:

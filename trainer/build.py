@@ -14,14 +14,15 @@ from models.minigpt import GPTConfig, MiniGPT
 from optim.builder import BuildContext, HookContext, build_hook, build_optimizer, load_all
 from optim.schedules import build_scheduler, constant_scheduler
 from trainer import checkpoint as ckpt_io
-from trainer.anomaly import AnomalyGuard
 from trainer.config import ModelConfig, TrainConfig
-from trainer.data import build_tokenizer, check_split_sizes, find_corpus, prepare_tokens
+from trainer.data.corpus import check_split_sizes, find_corpus, prepare_tokens
+from trainer.data.sampling import WindowSampler
+from trainer.data.shards import TokenShards
+from trainer.data.tokenizers import build_tokenizer
 from trainer.distributed import Dist, barrier, checkpoint_blocks, local_device, max_over_ranks, wrap
 from trainer.errors import ConfigError
 from trainer.runtime import autocast, check_precision, grad_scaler, pick_device, seed_everything, set_rng_state
-from trainer.sampling import WindowSampler
-from trainer.shards import TokenShards
+from trainer.telemetry.anomaly import AnomalyGuard
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Run:
     resumed_from: Path | None
     loss_window: tuple[float, int]  # (sum, count) of train losses since the last log step
     train_seconds: float  # wall time spent in training steps so far (eval and checkpoints excluded)
-    anomaly: AnomalyGuard  # non-finite steps, gradient explosions, loss spikes (trainer/anomaly.py)
+    anomaly: AnomalyGuard  # non-finite steps, gradient explosions, loss spikes (trainer/telemetry/anomaly.py)
 
 
 def model_config(cfg: ModelConfig, tokenizer_vocab: int) -> GPTConfig:
@@ -87,8 +88,8 @@ def prepare_data(cfg: TrainConfig, progress: bool):
     """The tokenizer and the memory-mapped token splits, tokenised first when the cache is missing."""
     cache_dir = Path(cfg.data.cache_dir).expanduser()
     if cfg.data.kind == "hf":
-        from trainer.hfdata import cache_report, open_source
-        from trainer.hfprepare import prepare_hf
+        from trainer.data.hf import cache_report, open_source
+        from trainer.data.hfprepare import prepare_hf
 
         source = open_source(cfg.data)
         tokenizer = build_tokenizer(cfg.tokenizer, source, cache_dir)

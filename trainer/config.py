@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from optim.builder import OptimizerConfig, load_all, optimizer_errors
+from optim.schedules import ScheduleConfig
 from trainer.errors import ConfigError
 
 
@@ -34,7 +35,7 @@ class AnomalyAction(str, Enum):
 
 @dataclass
 class AnomalyConfig:
-    """What to do about bad steps (trainer/anomaly.py): warn | skip | stop."""
+    """What to do about bad steps (trainer/telemetry/anomaly.py): warn | skip | stop."""
 
     nonfinite: AnomalyAction = AnomalyAction.skip  # inf/NaN loss or gradient norm
     grad_explosion: AnomalyAction = AnomalyAction.warn  # grad norm > grad_explosion_factor x its running median
@@ -80,9 +81,9 @@ class DataConfig:
     seq_len: int | None = None  # training sequence length; None: model.block_size
     val_fraction: float = 0.05  # held out for validation (of the tokens; data=hf: of the documents)
     cache_dir: str = ".cache/data"  # token caches, keyed by corpus and tokenizer
-    sampling: str = "random"  # random | sequential windows (trainer/sampling.py)
+    sampling: str = "random"  # random | sequential windows (trainer/data/sampling.py)
     shard_tokens: int = 100_000_000  # tokens per shard file at most
-    # data=hf (trainer/hfdata.py): datasets.load_dataset(name, subset, split=split, data_files=...)
+    # data=hf (trainer/data/hf.py): datasets.load_dataset(name, subset, split=split, data_files=...)
     name: str | None = None  # a hub id, a local dataset directory, or a save_to_disk directory
     subset: str | None = None  # the dataset's configuration, e.g. sample-10BT
     split: str = "train"
@@ -101,18 +102,6 @@ class TokenizerConfig:
     kind: str = "byte"  # byte | char | bpe | hf
     vocab_size: int = 4096  # tokenizer=bpe: size to train
     name: str | None = None  # tokenizer=hf: a hub id or a local directory
-
-
-@dataclass
-class ScheduleConfig:
-    name: str = "cosine"  # constant | linear | cosine | wsd | step | exponential | inverse_sqrt
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # the lr floor, as a fraction of optimizer.lr
-    decay_fraction: float = 0.2  # wsd: the share of max_steps spent decaying
-    decay_type: str = "linear"  # wsd: linear | cosine | 1-sqrt
-    step_size: int = 1000  # step: steps between decays
-    gamma: float = 0.5  # step: the factor applied at each decay
-    timescale: int | None = None  # inverse_sqrt: lr = peak * sqrt(timescale / (step + timescale - warmup))
 
 
 @dataclass
@@ -229,8 +218,6 @@ CHOICES = {
     "data.kind": ("stdlib", "text", "hf"),
     "data.sampling": ("random", "sequential"),
     "tokenizer.kind": ("byte", "char", "bpe", "hf"),
-    "schedule.name": ("constant", "linear", "cosine", "wsd", "step", "exponential", "inverse_sqrt"),
-    "schedule.decay_type": ("linear", "cosine", "1-sqrt"),
     "model.pos_emb": ("learned", "rope"),
     "distributed.strategy": ("auto", "none", "ddp", "fsdp"),
     "distributed.param_dtype": ("bf16", "fp32"),
@@ -306,6 +293,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("tokenizer=hf needs tokenizer.name=HUB_ID or a local directory")
     if cfg.tokenizer.kind == "bpe" and not 257 <= cfg.tokenizer.vocab_size <= 2**20:
         raise ConfigError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} must be in [257, 1048576] for bpe")
+    try:
+        s.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     problem = optimizer_errors(o)
     if problem:
         raise ConfigError(problem)
@@ -318,18 +309,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"optimizer.name={o.name} does not match the optimizer group: select it with optimizer={o.name}"
         )
-    if s.warmup_steps < 0:
-        raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be >= 0")
-    if not 0.0 <= s.min_lr_ratio <= 1.0:
-        raise ConfigError(f"schedule.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
-    if not 0.0 <= s.decay_fraction <= 1.0:
-        raise ConfigError(f"schedule.decay_fraction={s.decay_fraction} must be in [0, 1]")
-    if s.step_size < 1 or not 0.0 < s.gamma <= 1.0:
-        raise ConfigError(f"schedule.step_size={s.step_size} must be >= 1 and schedule.gamma={s.gamma} in (0, 1]")
-    if s.timescale is not None and s.timescale < 1:
-        raise ConfigError(f"schedule.timescale={s.timescale} must be >= 1 (or null)")
-    if s.name == "exponential" and s.min_lr_ratio <= 0:
-        raise ConfigError("schedule=exponential decays to schedule.min_lr_ratio, which must be > 0")
     if t.grad_clip < 0 or t.grad_clip_value < 0:
         raise ConfigError("trainer.grad_clip and trainer.grad_clip_value must be >= 0 (0 turns them off)")
     if t.sample_tokens < 0 or t.sample_temperature < 0 or t.sample_top_k < 0:

@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 from optim.builder import family_stats, state_bytes_measured
 from trainer import checkpoint as ckpt_io
 from trainer.build import Run, optimizer_format
+from trainer.data.sampling import validation_windows
 from trainer.distributed import any_rank, grad_sync, mean_over_ranks
-from trainer.metrics import MetricsLogger
-from trainer.perf import TrainClock, peak_tflops, perf_record
 from trainer.runtime import StopSignal, autocast, rng_state
-from trainer.sampling import validation_windows
-from trainer.stats import StatsProbe
+from trainer.telemetry.metrics import MetricsLogger
+from trainer.telemetry.perf import TrainClock, peak_tflops, perf_record
+from trainer.telemetry.probe import StatsProbe
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def train_step(
 
     Each micro-batch loss is divided by n_micro, so the summed gradients equal the gradient of the
     mean loss over the whole batch, as if it had been one batch. `allow(loss, norm)` may veto the
-    optimizer step (trainer/anomaly.py); `probe` watches it (trainer/stats.py).
+    optimizer step (trainer/telemetry/anomaly.py); `probe` watches it (trainer/telemetry/probe.py).
     """
     total = torch.zeros((), device=params[0].device)
     for i, (x, y) in enumerate(micro_batches):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.config import TokenizerConfig
+from trainer.data.shards import atomic_dir
 from trainer.errors import ConfigError, hub_unreachable
 
 EOT = "<|endoftext|>"
@@ -170,3 +172,24 @@ def load_tokenizer(directory: str | Path):
         tok.identity = spec["identity"]
         return tok
     raise ValueError(f"unknown tokenizer kind {kind!r} in {directory}")
+
+
+def build_tokenizer(cfg: TokenizerConfig, corpus, cache_dir: Path):
+    """Byte and HF tokenizers need no corpus; char and BPE are built from it once and cached.
+
+    `corpus` is a Corpus or anything with `texts()`, `n_texts` and `fingerprint` (trainer/data/hf.py)."""
+    if cfg.kind == "byte":
+        return ByteTokenizer()
+    if cfg.kind == "hf":
+        return load_hf_tokenizer(cfg.name)
+    suffix = f"-{cfg.vocab_size}" if cfg.kind == "bpe" else ""
+    saved = cache_dir / "tokenizers" / f"{cfg.kind}{suffix}-{corpus.fingerprint}"
+    if (saved / "tokenizer.json").exists():
+        return load_tokenizer(saved)
+    if cfg.kind == "char":
+        tok = CharTokenizer.from_texts(corpus.texts())
+    else:
+        tok = train_bpe(corpus.texts, corpus.n_texts, cfg.vocab_size)
+    with atomic_dir(saved) as tmp:
+        tok.save(tmp)
+    return tok

@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainer.config import TrainConfig, register_configs, to_typed
-from trainer.data import find_corpus
+from trainer.data.corpus import find_corpus
 from trainer.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 _NOISE = ("Config search path", "provider=", "full_key:", "reference_type=", "object_type=", "To append")
 
 
@@ -56,7 +56,7 @@ def config_or_exit(overrides: list[str]) -> TrainConfig:
         if typed.data.kind == "hf" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             import datasets
 
-            from trainer.hfdata import open_source
+            from trainer.data.hf import open_source
 
             datasets.logging.set_verbosity_error()  # its notes (a cached version used...) come with the run
             open_source(typed.data)  # an unknown dataset, split or column (not under torchrun: every rank would)

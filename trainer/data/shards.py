@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +140,20 @@ class TokenShards:
         for row in np.flatnonzero(~inside):  # windows that run into the next shard
             out[row] = self.read(int(starts[row]), length)
         return out
+
+
+class atomic_dir:
+    """Write into a temporary sibling directory, then rename it into place: never half a cache."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.target.name}-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self.target.exists():
+            os.replace(self.tmp, self.target)
+        shutil.rmtree(self.tmp, ignore_errors=True)

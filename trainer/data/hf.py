@@ -3,7 +3,7 @@
 `open_source` finds the dataset, `datasets.load_dataset(name, subset, split=...)` from the hub or its
 local cache, `load_from_disk` for a saved dataset, or the json/parquet/csv/text builders for
 `data.data_files`, and turns every way that can fail into one line that says what to do.
-trainer/hfprepare.py tokenises it into sharded token files; `cache_report` says where the
+trainer/data/hfprepare.py tokenises it into sharded token files; `cache_report` says where the
 Hugging Face caches and the shards are, and how much disk they take.
 """
 

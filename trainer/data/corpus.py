@@ -3,9 +3,9 @@
 The corpus is a list of text files: the running Python's standard-library sources (`data=stdlib`,
 no download) or the user's files (`data=text`). Documents are put in a fixed pseudo-random order,
 tokenised once with an end-of-text id between them where the tokenizer has one, and written as
-sharded uint16/uint32 token files (trainer/shards.py) keyed by the corpus and tokenizer. The last
+sharded uint16/uint32 token files (trainer/data/shards.py) keyed by the corpus and tokenizer. The last
 `val_fraction` of the tokens is the validation split. Hugging Face datasets (`data=hf`) take the
-same route through trainer/hfdata.py; batches are drawn by trainer/sampling.py.
+same route through trainer/data/hf.py; batches are drawn by trainer/data/sampling.py.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +22,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from trainer.config import DataConfig, TokenizerConfig
+from trainer.config import DataConfig
+from trainer.data.shards import ShardWriter, TokenShards, atomic_dir, token_dtype
 from trainer.errors import ConfigError
-from trainer.shards import ShardWriter, TokenShards, token_dtype
-from trainer.tokenizers import ByteTokenizer, CharTokenizer, load_hf_tokenizer, load_tokenizer, train_bpe
 
-CACHE_FORMAT = 2  # 2: sharded token files (trainer/shards.py)
+CACHE_FORMAT = 2  # 2: sharded token files (trainer/data/shards.py)
 
 
 @dataclass
@@ -95,30 +92,9 @@ def _text_files(path: str | None) -> list[Path]:
     return files
 
 
-def build_tokenizer(cfg: TokenizerConfig, corpus, cache_dir: Path):
-    """Byte and HF tokenizers need no corpus; char and BPE are built from it once and cached.
-
-    `corpus` is a Corpus or anything with `texts()`, `n_texts` and `fingerprint` (trainer/hfdata.py)."""
-    if cfg.kind == "byte":
-        return ByteTokenizer()
-    if cfg.kind == "hf":
-        return load_hf_tokenizer(cfg.name)
-    suffix = f"-{cfg.vocab_size}" if cfg.kind == "bpe" else ""
-    saved = cache_dir / "tokenizers" / f"{cfg.kind}{suffix}-{corpus.fingerprint}"
-    if (saved / "tokenizer.json").exists():
-        return load_tokenizer(saved)
-    if cfg.kind == "char":
-        tok = CharTokenizer.from_texts(corpus.texts())
-    else:
-        tok = train_bpe(corpus.texts, corpus.n_texts, cfg.vocab_size)
-    with _atomic_dir(saved) as tmp:
-        tok.save(tmp)
-    return tok
-
-
 @dataclass
 class TokenSplits:
-    train: TokenShards  # memory-mapped sharded token files (trainer/shards.py)
+    train: TokenShards  # memory-mapped sharded token files (trainer/data/shards.py)
     val: TokenShards
     meta: dict
 
@@ -145,7 +121,7 @@ def prepare_tokens(
         tokens = _tokenize(corpus, tokenizer, progress)
         n_val = max(1, int(len(tokens) * val_fraction))
         dtype = token_dtype(tokenizer.vocab_size)
-        with _atomic_dir(target) as tmp:
+        with atomic_dir(target) as tmp:
             for split, part in (("train", tokens[:-n_val]), ("val", tokens[-n_val:])):
                 writer = ShardWriter(tmp / split, dtype, shard_tokens)
                 writer.write(part)
@@ -174,23 +150,6 @@ def _tokenize(corpus: Corpus, tokenizer, progress: bool, batch_docs: int = 64) -
         bar.update(sum(p.stat().st_size for p in corpus.files[start : start + batch_docs]))
     bar.close()
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
-class _atomic_dir:
-    """Write into a temporary sibling directory, then rename it into place: never half a cache."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.target.name}-", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None and not self.target.exists():
-            os.replace(self.tmp, self.target)
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def check_split_sizes(splits: TokenSplits, seq_len: int, micro_batch_size: int) -> None:

@@ -111,7 +111,7 @@ def _train(cfg: DictConfig, typed: TrainConfig, run_dir: Path, d) -> float | Non
     from trainer import distributed
     from trainer.build import setup_run
     from trainer.loop import fit, generate_text, optimizer_eval_mode
-    from trainer.metrics import MetricsLogger, NullMetrics
+    from trainer.telemetry.metrics import MetricsLogger, NullMetrics
 
     if d.enabled:  # every rank works in rank 0's run directory (Hydra's timestamps may differ by a second)
         own, run_dir = run_dir, Path(distributed.broadcast(str(run_dir), d))

@@ -1,4 +1,4 @@
-"""A Hugging Face dataset (trainer/hfdata.py) -> sharded token files (trainer/shards.py), once.
+"""A Hugging Face dataset (trainer/data/hf.py) -> sharded token files (trainer/data/shards.py), once.
 
 `prepare_hf` tokenises in chunks, each with a parallel batched `Dataset.map` (`data.num_proc`), and
 writes an end-of-text token after every document. After every chunk the writers' state is saved, so
@@ -21,10 +21,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from trainer.config import DataConfig
-from trainer.data import CACHE_FORMAT, TokenSplits, open_splits
-from trainer.hfdata import HFSource
-from trainer.sampling import keyed_hash
-from trainer.shards import ShardWriter, token_dtype
+from trainer.data.corpus import CACHE_FORMAT, TokenSplits, open_splits
+from trainer.data.hf import HFSource
+from trainer.data.sampling import keyed_hash
+from trainer.data.shards import ShardWriter, token_dtype
 
 log = logging.getLogger(__name__)
 VAL_KEY = 0x5EED  # keys the hash that picks held-out documents

@@ -1,0 +1,1 @@
+"""Data: local corpora and Hugging Face datasets -> tokenizers -> sharded token files -> batches."""
