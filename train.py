@@ -18,7 +18,8 @@ register_configs()
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from trainer.entry.run import RunFailed, run
+    from trainer.entry.run import run
+    from trainer.errors import RunFailed
 
     try:
         return run(cfg, Path(HydraConfig.get().runtime.output_dir))

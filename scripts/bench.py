@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from trainer.entry.cli import scratch_run  # noqa: E402
+from trainer.entry.cli import scratch_run
 
 
 def main(argv: list[str] | None = None) -> None:

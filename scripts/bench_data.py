@@ -18,24 +18,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from trainer.data.corpus import find_corpus  # noqa: E402
-from trainer.data.hfprepare import tokenize_chunk  # noqa: E402
-from trainer.data.sampling import WindowSampler  # noqa: E402
-from trainer.data.shards import ShardWriter, TokenShards  # noqa: E402
-from trainer.data.tokenizers import build_tokenizer  # noqa: E402
-from trainer.entry.cli import config_or_exit, exit_with_error  # noqa: E402
-from trainer.errors import ConfigError  # noqa: E402
+from trainer.data.corpus import find_corpus
+from trainer.data.hfprepare import tokenize_chunk
+from trainer.data.sampling import WindowSampler
+from trainer.data.shards import ShardWriter, TokenShards
+from trainer.data.tokenizers import build_tokenizer
+from trainer.entry.cli import config_or_exit
+from trainer.errors import ConfigError, exit_with_error
 
 GPT2_H100_TOKENS_PER_S = 1.0e6  # what one model=gpt2 training step consumes on an H100 (the figure)
 

@@ -17,19 +17,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from models.minigpt import MiniGPT  # noqa: E402
-from optim.builder import BuildContext, build_optimizer, load_all, param_groups  # noqa: E402
-from trainer.build import model_config  # noqa: E402
-from trainer.entry.cli import compose_config  # noqa: E402
+from models.minigpt import MiniGPT
+from optim.builder import BuildContext, build_optimizer, load_all, param_groups
+from trainer.build import model_config
+from trainer.entry.cli import compose_config
 
 VARIANTS = {"adamw+lookahead": ("adamw", ["optimizer.lookahead.k=5"])}
 
@@ -58,13 +54,6 @@ def references() -> dict[str, Callable]:
         refs["adamw+lookahead"] = lambda groups, c: po.Lookahead(
             torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, fused=True), k=5, alpha=0.5
         )
-    except ImportError:
-        pass
-    try:  # the reference code's per-parameter SophiaG, transcribed in the Sophia tests
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from test_optim_sophia_lookahead import RefSophiaG
-
-        refs["sophia"] = lambda groups, c: RefSophiaG(groups, lr=c.lr, betas=tuple(c.betas), rho=c.rho, bs=8 * 1024)
     except ImportError:
         pass
     try:

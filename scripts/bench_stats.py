@@ -16,13 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from trainer.entry.cli import scratch_run  # noqa: E402
+from trainer.entry.cli import scratch_run
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,11 +63,13 @@ from typing import NamedTuple
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-from scipy import stats  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import yaml
+from scipy import stats
+from tqdm import tqdm
+
+from trainer.errors import exit_with_error
 
 IGNORED = {"trainer.seed", "trainer.resume", "trainer.progress", "trainer.ckpt_interval", "trainer.keep_checkpoints",
            "data.cache_dir"}  # fmt: skip
@@ -452,8 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return compare(args)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        exit_with_error(str(e))
 
 
 if __name__ == "__main__":

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from safetensors.torch import save_model
 
-from safetensors.torch import save_model  # noqa: E402
-
-from models.minigpt import GPTConfig, MiniGPT  # noqa: E402
-from trainer import checkpoint as ckpt_io  # noqa: E402
-from trainer.errors import ConfigError  # noqa: E402
+from models.minigpt import GPTConfig, MiniGPT
+from trainer import checkpoint as ckpt_io
+from trainer.errors import ConfigError, exit_with_error
 
 
 def export(ckpt: Path, out: Path) -> int:
@@ -49,8 +46,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         n = export(ckpt, out)
     except (ConfigError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(str(e))
     kind = "sharded" if ckpt_io.is_sharded(ckpt) else "whole"
     print(f"wrote {out} ({n / 1e6:.2f}M parameters, from the {kind} checkpoint {ckpt})")
 

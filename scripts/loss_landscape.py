@@ -15,29 +15,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
-from models.minigpt import GPTConfig, MiniGPT  # noqa: E402
-from trainer import checkpoint as ckpt_io  # noqa: E402
-from trainer.build import prepare_data  # noqa: E402
-from trainer.config import DataConfig, DeviceKind, TokenizerConfig  # noqa: E402
-from trainer.data.corpus import check_split_sizes  # noqa: E402
-from trainer.data.sampling import validation_windows  # noqa: E402
-from trainer.errors import ConfigError  # noqa: E402
-from trainer.runtime import pick_device  # noqa: E402
+from models.minigpt import GPTConfig, MiniGPT
+from trainer import checkpoint as ckpt_io
+from trainer.build import prepare_data
+from trainer.config import DataConfig, DeviceKind, TokenizerConfig
+from trainer.data.corpus import check_split_sizes
+from trainer.data.sampling import validation_windows
+from trainer.errors import ConfigError, exit_with_error
+from trainer.runtime import pick_device
 
 
 def load_model(ckpt: Path) -> MiniGPT:
@@ -156,8 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                    "alphas": alphas.tolist(), "losses": losses.tolist()}  # fmt: skip
         out.with_suffix(".json").write_text(json.dumps(numbers, indent=1) + "\n")
     except (ConfigError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(str(e))
     print(f"wrote {out} and {out.with_suffix('.json')} (loss at centre {center:.4f}, "
           f"{losses.min():.4f} .. {losses.max():.4f} over the grid)")  # fmt: skip
 

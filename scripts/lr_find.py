@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from trainer.errors import exit_with_error
 
 DIVERGE = 4.0  # stop when the smoothed loss exceeds this times its minimum
 
@@ -77,11 +76,6 @@ def plot(path: Path, lrs, raw, smoothed, found: dict, title: str) -> None:
     plt.close(fig)
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
@@ -92,11 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output directory")
     args = parser.parse_args(argv)
     if not 0 < args.start < args.end or not math.isfinite(args.end):
-        fail(f"need 0 < --start < --end (got --start {args.start:g} --end {args.end:g})")
+        exit_with_error(f"need 0 < --start < --end (got --start {args.start:g} --end {args.end:g})")
     if args.steps < 10:
-        fail(f"--steps must be at least 10 (got {args.steps})")
+        exit_with_error(f"--steps must be at least 10 (got {args.steps})")
     if not 0 <= args.beta < 1:
-        fail(f"--beta must be in [0, 1) (got {args.beta:g})")
+        exit_with_error(f"--beta must be in [0, 1) (got {args.beta:g})")
 
     from tqdm import tqdm
 
@@ -137,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             break
     bar.close()
     if len(smoothed) < 2:
-        fail(f"the loss was non-finite from the first steps (at lr {lrs[0]:.2e}): lower --start")
+        exit_with_error(f"the loss was non-finite from the first steps (at lr {lrs[0]:.2e}): lower --start")
 
     found = suggest(lrs[: len(smoothed)], smoothed)
     name = cfg.optimizer.name

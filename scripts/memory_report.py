@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from models.minigpt import MiniGPT  # noqa: E402
-from optim.builder import load_all  # noqa: E402
-from optim.memory import state_report  # noqa: E402
-from trainer.build import model_config  # noqa: E402
-from trainer.entry.cli import compose_config  # noqa: E402
+from models.minigpt import MiniGPT
+from optim.builder import load_all
+from optim.memory import state_report
+from trainer.build import model_config
+from trainer.entry.cli import compose_config
 
 VARIANTS = {"adamw+lookahead": ("adamw", ["optimizer.lookahead.k=5"])}
 

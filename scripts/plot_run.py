@@ -20,9 +20,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker as ticker  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import matplotlib.ticker as ticker
+import numpy as np
+
+from trainer.errors import exit_with_error
 
 DPI = 100
 WIDE = (9, 4.5)  # loss_lr.png and grad_norm.png: 900 x 450 px
@@ -216,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.run_dir / "metrics.jsonl"
     records = load(path) if path.is_file() else None
     if not records:
-        print(f"error: {path} {'has no records' if records == [] else 'not found'}", file=sys.stderr)
-        return 2
+        exit_with_error(f"{path} {'has no records' if records == [] else 'not found'}")
     out = args.out or args.run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     for name, (plot, needs) in PLOTS.items():

@@ -7,20 +7,17 @@ python scripts/plot_schedules.py --steps 5000 --warmup 250 --out /tmp/s.png
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from optim.schedules import (  # noqa: E402
+from optim.schedules import (
     SCHEDULES,
-    ScheduleConfig,  # noqa: E402
+    ScheduleConfig,
     build_scheduler,
     lr_factor,
 )

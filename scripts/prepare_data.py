@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from trainer.build import prepare_data  # noqa: E402
-from trainer.entry.cli import config_or_exit, exit_with_error  # noqa: E402
-from trainer.errors import ConfigError  # noqa: E402
+from trainer.build import prepare_data
+from trainer.entry.cli import config_or_exit
+from trainer.errors import ConfigError, exit_with_error
 
 
 def main(argv: list[str]) -> None:

@@ -9,18 +9,15 @@ The argument is a checkpoint directory, or a run directory (its latest checkpoin
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models.minigpt import GPTConfig, MiniGPT  # noqa: E402
-from trainer import checkpoint as ckpt_io  # noqa: E402
-from trainer.config import DeviceKind  # noqa: E402
-from trainer.data.tokenizers import load_tokenizer  # noqa: E402
-from trainer.errors import ConfigError  # noqa: E402
-from trainer.loop import generate_text  # noqa: E402
-from trainer.runtime import pick_device  # noqa: E402
+from models.minigpt import GPTConfig, MiniGPT
+from trainer import checkpoint as ckpt_io
+from trainer.config import DeviceKind
+from trainer.data.tokenizers import load_tokenizer
+from trainer.errors import ConfigError, exit_with_error
+from trainer.loop import generate_text
+from trainer.runtime import pick_device
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,8 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         text = generate_text(model.to(device), tokenizer, args.prompt, args.max_new_tokens,
                              args.temperature, args.top_k, args.seed)  # fmt: skip
     except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(str(e))
     print(text)
 
 

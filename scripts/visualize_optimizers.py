@@ -24,19 +24,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from tqdm import tqdm
 
-from optim.builder import BuildContext, build_optimizer, load_all  # noqa: E402
-from trainer.entry.cli import compose_config  # noqa: E402
+from optim.builder import BuildContext, build_optimizer, load_all
+from trainer.entry.cli import compose_config
+
+REPO = Path(__file__).resolve().parent.parent
 
 SKIP = {"sophia": "its Hessian refresh (build_hook) needs language-model batches to sample labels from the model's "
                   "logits; without it SophiaG is sign descent with momentum"}  # fmt: skip

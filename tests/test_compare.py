@@ -100,7 +100,10 @@ def welch_by_hand(a: list[float], b: list[float]) -> tuple[float, float, float]:
 
 
 def run_main(args: list, capsys) -> tuple[int, str, str]:
-    rc = compare.main([str(a) for a in args])
+    try:
+        rc = compare.main([str(a) for a in args])
+    except SystemExit as e:  # bad input: trainer.errors.exit_with_error
+        rc = e.code
     out, err = capsys.readouterr()
     return rc, out, err
 

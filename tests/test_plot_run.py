@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "plot_run.py"
 spec = importlib.util.spec_from_file_location("plot_run", SCRIPT)
@@ -117,7 +119,9 @@ def test_missing_metrics_file_is_one_error_line_and_exit_code_2(tmp_path):
 
 def test_empty_metrics_file_is_an_error(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("")
-    assert plot_run.main([str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        plot_run.main([str(tmp_path)])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "no records" in err[0]
     assert not (tmp_path / "plots").exists()

@@ -1,10 +1,31 @@
-"""The one exception type for bad input, reported as a single line before training starts."""
+"""Bad input: the one exception type, and the one way every entry point reports it (an `error:` line)."""
 
 import os
+import sys
 
 
 class ConfigError(Exception):
     """Bad input: the message says what is wrong and how to fix it, in one line."""
+
+
+class RunFailed(Exception):
+    """A sweep's job that failed with a one-line reason: Hydra records it and goes on with the others."""
+
+
+def exit_with_error(message: str, code: int = 2):
+    """Print `error: message` on stderr and exit with `code`. Inside a Hydra sweep's job (-m), raise
+    RunFailed instead, so that the sweep's other jobs still run."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if _in_sweep():
+        raise RunFailed(message)
+    sys.exit(code)
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def hub_unreachable() -> str:

@@ -9,7 +9,6 @@ no run directory is created for a command line that cannot work.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from trainer.config import TrainConfig, register_configs, to_typed
 from trainer.data.corpus import find_corpus
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, exit_with_error
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 _NOISE = ("Config search path", "provider=", "full_key:", "reference_type=", "object_type=", "To append")
@@ -90,8 +89,3 @@ def precheck(argv: list[str]) -> None:
     """
     if not any(arg.startswith("-") for arg in argv):
         config_or_exit(argv)
-
-
-def exit_with_error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)

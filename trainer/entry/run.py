@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.config import TrainConfig, to_typed
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, exit_with_error
 
 log = logging.getLogger("trainer")
 
@@ -51,17 +51,6 @@ def restarts_share_the_store(env=os.environ) -> bool:
     return int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
-class RunFailed(Exception):
-    """A sweep's job that failed with a one-line reason: Hydra records it and goes on with the others."""
-
-
-def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    if sweep_identity() is not None:  # one job of a sweep (-m): the other jobs still run
-        raise RunFailed(message)
-    sys.exit(code)
-
-
 def sweep_identity() -> tuple[str, str] | None:
     """(W&B group, run name) when Hydra runs this job as part of a sweep (-m): the sweep directory, and
     the job's own overrides (or its number); None for a single run."""
@@ -79,9 +68,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     try:
         typed: TrainConfig = to_typed(cfg)
     except ConfigError as e:
-        fail(str(e))
+        exit_with_error(str(e))
     except OmegaConfBaseException as e:
-        fail(str(e).splitlines()[0])
+        exit_with_error(str(e).splitlines()[0])
     # Heavy imports after validation, so bad input is reported at once.
     from trainer import distributed
     from trainer.runtime import pick_device
@@ -90,11 +79,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         dc = typed.distributed
         d = distributed.setup(dc.strategy, dc.backend, dc.timeout_s, pick_device(typed.trainer.device))
     except ConfigError as e:
-        fail(str(e))
+        exit_with_error(str(e))
     try:
         return _train(cfg, typed, run_dir, d)
     except ConfigError as e:
-        fail(str(e) if not d.enabled else f"(rank {d.rank}) {e}")
+        exit_with_error(str(e) if not d.enabled else f"(rank {d.rank}) {e}")
     except Exception as e:  # under several processes, say which one failed; the launcher stops the rest
         if not d.enabled:
             raise
@@ -146,9 +135,12 @@ def _train(cfg: DictConfig, typed: TrainConfig, run_dir: Path, d) -> float | Non
         with logging_redirect_tqdm():
             result = fit(r, metrics)
         if result.anomaly is not None:  # checkpointed (the weights from before the bad step); say so and stop
-            fail(f"stopped by trainer.anomaly: {result.anomaly}; the checkpoint of step {result.step} in {run_dir} "
-                 f"holds the weights from before it (resume with trainer.resume=auto, perhaps with a lower "
-                 f"optimizer.lr)", code=3)  # fmt: skip
+            exit_with_error(
+                f"stopped by trainer.anomaly: {result.anomaly}; the checkpoint of step {result.step} in {run_dir} "
+                f"holds the weights from before it (resume with trainer.resume=auto, perhaps with a lower "
+                f"optimizer.lr)",
+                code=3,
+            )
         if result.interrupted_by is not None:
             name = signal.Signals(result.interrupted_by).name
             log.info(
