@@ -20,7 +20,10 @@ import torch.nn.functional as F
 
 @dataclass
 class GPTConfig:
-    vocab_size: int
+    """The architecture: the one declaration of these fields and their checks (the trainer's `model`
+    config group, trainer/config.py:ModelConfig, extends it)."""
+
+    vocab_size: int | None = None  # the trainer fills it from the tokenizer (padded) before building
     block_size: int = 128  # longest sequence the model accepts
     n_layer: int = 4
     n_head: int = 4
@@ -30,13 +33,21 @@ class GPTConfig:
     pos_emb: str = "learned"  # "learned" (GPT-2) or "rope"
     rope_theta: float = 10000.0
 
-    def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError("rope needs an even head dimension (n_embd / n_head)")
+    def validate(self) -> None:
+        """ValueError naming the first bad value, in the config's own terms (model.<field>)."""
+        for key in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be at least 1")
         if self.pos_emb not in ("learned", "rope"):
-            raise ValueError(f"pos_emb must be 'learned' or 'rope', got {self.pos_emb!r}")
+            raise ValueError(f"model.pos_emb={self.pos_emb!r} is not one of learned, rope")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("model.pos_emb=rope needs an even head size (model.n_embd / model.n_head)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"model.vocab_size={self.vocab_size} must be positive, or null to take the tokenizer's")
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +117,9 @@ class Block(nn.Module):
 class MiniGPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        config.validate()
+        if config.vocab_size is None:
+            raise ValueError("GPTConfig.vocab_size is needed to build the model")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None

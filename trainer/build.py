@@ -51,18 +51,7 @@ class Run:
 
 
 def model_config(cfg: ModelConfig, tokenizer_vocab: int) -> GPTConfig:
-    vocab = cfg.vocab_size
-    if vocab is None:
-        vocab = -(-tokenizer_vocab // cfg.pad_vocab_multiple) * cfg.pad_vocab_multiple
-    elif vocab < tokenizer_vocab:
-        raise ConfigError(
-            f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}): "
-            f"set model.vocab_size=null to take the tokenizer's size"
-        )
-    return GPTConfig(
-        vocab_size=vocab, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-        n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, pos_emb=cfg.pos_emb, rope_theta=cfg.rope_theta,
-    )  # fmt: skip
+    return cfg.architecture(tokenizer_vocab)
 
 
 def optimizer_format(d: Dist) -> str:

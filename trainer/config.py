@@ -8,7 +8,7 @@ Value checks that types cannot express (lr > 0, betas in [0, 1), ...) live in `v
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from models.minigpt import GPTConfig
 from optim.builder import OptimizerConfig, load_all, optimizer_errors
 from optim.schedules import ScheduleConfig
 from trainer.errors import ConfigError
@@ -61,17 +62,29 @@ class WandbMode(str, Enum):
 
 
 @dataclass
-class ModelConfig:
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 128
+class ModelConfig(GPTConfig):
+    """The `model` group: the architecture (models/minigpt.py:GPTConfig declares its fields and checks)
+    and how the vocabulary is sized from the tokenizer."""
+
     vocab_size: int | None = None  # None: the tokenizer's size, padded to pad_vocab_multiple
     pad_vocab_multiple: int = 64  # round the embedding up for faster matmuls (50257 -> 50304)
-    dropout: float = 0.0
-    bias: bool = True
-    pos_emb: str = "learned"  # learned | rope
-    rope_theta: float = 10000.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.pad_vocab_multiple < 1:
+            raise ValueError(f"model.pad_vocab_multiple={self.pad_vocab_multiple} must be at least 1")
+
+    def architecture(self, tokenizer_vocab: int) -> GPTConfig:
+        """The model to build for a tokenizer of this size: these fields, with the vocabulary filled in."""
+        vocab = self.vocab_size
+        if vocab is None:
+            vocab = -(-tokenizer_vocab // self.pad_vocab_multiple) * self.pad_vocab_multiple
+        elif vocab < tokenizer_vocab:
+            raise ConfigError(
+                f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}): "
+                f"set model.vocab_size=null to take the tokenizer's size"
+            )
+        return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)} | {"vocab_size": vocab})
 
 
 @dataclass
@@ -106,27 +119,29 @@ class TokenizerConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000
-    micro_batch_size: int = 32
-    grad_accum_steps: int = 1
-    precision: Precision = Precision.bf16
+    """The `trainer` group (configs/trainer/default.yaml takes these defaults as they are)."""
+
+    max_steps: int = 1000  # optimizer steps
+    micro_batch_size: int = 32  # sequences per forward pass on each rank
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    precision: Precision = Precision.bf16  # bf16 | fp16 (with loss scaling) | fp32
     grad_clip: float = 1.0  # max global L2 norm; 0 = off
     grad_clip_value: float = 0.0  # max |grad| per element; 0 = off
-    eval_interval: int = 200
-    eval_steps: int = 20
-    log_interval: int = 10
-    ckpt_interval: int = 500
-    keep_checkpoints: int = 2
+    eval_interval: int = 200  # steps between evaluations (and one at the end)
+    eval_steps: int = 20  # validation batches per evaluation
+    log_interval: int = 10  # steps between log records (the host syncs happen here)
+    ckpt_interval: int = 500  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # the newest N are kept
     seed: int = 1337
-    device: DeviceKind = DeviceKind.auto
-    compile: bool = False
+    device: DeviceKind = DeviceKind.auto  # auto | cpu | cuda | mps
+    compile: bool = False  # torch.compile the (wrapped) model
     activation_checkpointing: bool = False  # recompute each block's activations in backward (saves memory)
     resume: str | None = None  # null | auto | a checkpoint or run directory
     sample_tokens: int = 300  # text sampled at the end (0 = none)
     sample_prompt: str = "\n"
     sample_temperature: float = 0.8
     sample_top_k: int = 40
-    progress: bool = True
+    progress: bool = True  # a progress bar on rank 0
     stats_interval: int = 100  # per-layer and optimizer-state statistics every N steps (a multiple of
     # log_interval); 0 = off
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
@@ -208,17 +223,27 @@ def register_configs() -> None:
 
 
 def to_typed(cfg: DictConfig | Any) -> TrainConfig:
-    """Turn a composed DictConfig into TrainConfig dataclasses (enums included), then validate."""
+    """Turn a composed DictConfig into TrainConfig dataclasses (enums included), then validate. The run
+    holds only this form from here on; config.yaml and W&B's config are written from it."""
     typed = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
     validate(typed)
     return typed
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    """Plain nested dicts (enums as strings): W&B's run config."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    """The YAML of config.yaml, in a run directory and in each checkpoint."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 CHOICES = {
     "data.kind": ("stdlib", "text", "hf"),
     "data.sampling": ("random", "sequential"),
     "tokenizer.kind": ("byte", "char", "bpe", "hf"),
-    "model.pos_emb": ("learned", "rope"),
     "distributed.strategy": ("auto", "none", "ddp", "fsdp"),
     "distributed.param_dtype": ("bf16", "fp32"),
     "distributed.reduce_dtype": ("bf16", "fp32"),
@@ -240,12 +265,11 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(allowed)}")
     m, t, o, s = cfg.model, cfg.trainer, cfg.optimizer, cfg.schedule
     positive = {
-        "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
-        "model.block_size": m.block_size, "trainer.max_steps": t.max_steps,
+        "trainer.max_steps": t.max_steps,
         "trainer.micro_batch_size": t.micro_batch_size, "trainer.grad_accum_steps": t.grad_accum_steps,
         "trainer.eval_interval": t.eval_interval, "trainer.eval_steps": t.eval_steps,
         "trainer.log_interval": t.log_interval, "trainer.ckpt_interval": t.ckpt_interval,
-        "trainer.keep_checkpoints": t.keep_checkpoints, "model.pad_vocab_multiple": m.pad_vocab_multiple,
+        "trainer.keep_checkpoints": t.keep_checkpoints,
     }  # fmt: skip
     for key, value in positive.items():
         if value < 1:
@@ -262,14 +286,10 @@ def validate(cfg: TrainConfig) -> None:
             f"loss_spike_zscore > 0 (got {an.window}, {an.max_consecutive_skips}, {an.grad_explosion_factor}, "
             f"{an.loss_spike_zscore})"
         )
-    if m.n_embd % m.n_head:
-        raise ConfigError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
-    if m.pos_emb == "rope" and (m.n_embd // m.n_head) % 2:
-        raise ConfigError("model.pos_emb=rope needs an even head size (model.n_embd / model.n_head)")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
-    if m.vocab_size is not None and m.vocab_size < 1:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} must be positive, or null to take the tokenizer's")
+    try:
+        m.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     seq_len = cfg.data.seq_len
     if seq_len is not None and not 1 <= seq_len <= m.block_size:
         raise ConfigError(

@@ -12,11 +12,11 @@ import signal
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from trainer.config import TrainConfig, to_typed
+from trainer.config import TrainConfig, config_dict, config_yaml, to_typed
 from trainer.errors import ConfigError, exit_with_error
 
 log = logging.getLogger("trainer")
@@ -81,7 +81,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     except ConfigError as e:
         exit_with_error(str(e))
     try:
-        return _train(cfg, typed, run_dir, d)
+        return _train(typed, run_dir, d)
     except ConfigError as e:
         exit_with_error(str(e) if not d.enabled else f"(rank {d.rank}) {e}")
     except Exception as e:  # under several processes, say which one failed; the launcher stops the rest
@@ -96,7 +96,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         distributed.teardown(d)
 
 
-def _train(cfg: DictConfig, typed: TrainConfig, run_dir: Path, d) -> float | None:
+def _train(typed: TrainConfig, run_dir: Path, d) -> float | None:
     from trainer import distributed
     from trainer.build import setup_run
     from trainer.loop import fit, generate_text, optimizer_eval_mode
@@ -116,19 +116,17 @@ def _train(cfg: DictConfig, typed: TrainConfig, run_dir: Path, d) -> float | Non
         )
     restart = elastic_restart(d)
     if restart:
-        _continue_after_restart(cfg, typed, run_dir, restart, d.is_main)
+        _continue_after_restart(typed, run_dir, restart, d.is_main)
     sweep = sweep_identity()
     if sweep is not None:  # runs of one sweep share a W&B group; each is named by its overrides
         w = typed.logger.wandb
         w.group, w.name = w.group or sweep[0], w.name or sweep[1]
-        cfg.logger.wandb.group, cfg.logger.wandb.name = w.group, w.name  # config.yaml records them
     r = setup_run(typed, run_dir, d)
-    config_dict = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if d.is_main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / "config.yaml").write_text(config_yaml(typed))  # what ran, sweep names included
         # A restart that found no checkpoint trains again from step 0: drop the failed attempt's records.
         resume_step = r.start_step if r.resumed_from else (-1 if restart else None)
-        metrics = MetricsLogger(run_dir, typed.logger.wandb, config_dict, resume_step)
+        metrics = MetricsLogger(run_dir, typed.logger.wandb, config_dict(typed), resume_step)
     else:
         metrics = NullMetrics()
     try:
@@ -166,7 +164,7 @@ def _train(cfg: DictConfig, typed: TrainConfig, run_dir: Path, d) -> float | Non
         metrics.close()
 
 
-def _continue_after_restart(cfg: DictConfig, typed: TrainConfig, run_dir: Path, restart: int, is_main: bool) -> None:
+def _continue_after_restart(typed: TrainConfig, run_dir: Path, restart: int, is_main: bool) -> None:
     """torchrun restarted the workers after a failure: continue from the newest checkpoint of this run
     directory, whatever trainer.resume says (it may name the checkpoint the first attempt started from)."""
     from trainer import checkpoint as ckpt_io
@@ -174,7 +172,7 @@ def _continue_after_restart(cfg: DictConfig, typed: TrainConfig, run_dir: Path, 
     if ckpt_io.list_checkpoints(run_dir / "checkpoints"):
         if typed.trainer.resume != "auto":
             log.info("elastic restart %d: continuing from the newest checkpoint in %s", restart, run_dir)
-        typed.trainer.resume = cfg.trainer.resume = "auto"  # config.yaml records what ran
+        typed.trainer.resume = "auto"  # config.yaml records what ran
     elif is_main:
         log.warning(
             "elastic restart %d: no checkpoint in %s, so training starts again from step 0 (if the failed attempt "
