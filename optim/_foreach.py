@@ -1,4 +1,4 @@
-"""What the hand-written optimizers share: hyperparameter checks and gathering the parameters a step
+"""What the hand-written optimizers share: hyperparameter checks (optim/checks.py) and gathering the parameters a step
 updates. Each optimizer's maths stays in its own file."""
 
 from __future__ import annotations
@@ -8,16 +8,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-
-def check_hparams(**hp: Any) -> None:
-    """ValueError with one sentence for the first invalid lr, eps, weight_decay or betas given."""
-    for key in ("lr", "eps", "weight_decay"):
-        if key in hp and not hp[key] >= 0.0:
-            raise ValueError(f"Invalid {key} {hp[key]!r}: it must be >= 0.")
-    if "betas" in hp:
-        betas = hp["betas"]
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"Invalid betas {betas!r}: they must be two numbers in [0, 1).")
+from optim.checks import check_hparams
 
 
 class CheckedOptimizer(Optimizer):

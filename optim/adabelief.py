@@ -39,8 +39,9 @@ from typing import Any
 
 import torch
 
+from optim import checks
 from optim._foreach import CheckedOptimizer
-from optim.builder import BuildContext, OptimizerConfig, param_groups, per_param, register
+from optim.builder import VERIFIED, BuildContext, OptimizerConfig, param_groups, per_param, register
 from optim.stats import Reducer, StatsContext
 from optim.torch_optimizers import adam_moment_stats
 
@@ -136,6 +137,11 @@ class AdaBeliefConfig(OptimizerConfig):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-16
 
+    def validate(self) -> None:
+        super().validate()
+        checks.betas(self)
+        checks.positive(self, "eps")
+
 
 def adabelief_stats(ctx: StatsContext, out: Reducer) -> None:
     """AdaBelief: Adam's statistics with the belief s (exp_avg_var, the EMA of (g - m)^2 + eps) in v's place.
@@ -152,6 +158,10 @@ def adabelief_stats(ctx: StatsContext, out: Reducer) -> None:
     adam_moment_stats(ctx, out, params, ms, ctx.state("exp_avg_var")[1], v_name="s")
 
 
-@register("adabelief", AdaBeliefConfig, "ours (optim/adabelief.py)", per_param(8), stats=adabelief_stats)
+@register(
+    "adabelief", AdaBeliefConfig, per_param(8), fsdp=VERIFIED, stats=adabelief_stats,
+    search_space={"optimizer.lr": "tag(log, interval(1e-4, 1e-2))", "optimizer.weight_decay": "interval(0.0, 0.3)",
+                  "optimizer.betas.0": "interval(0.8, 0.95)", "optimizer.betas.1": "interval(0.9, 0.999)"},
+)  # fmt: skip
 def _build(model: torch.nn.Module, cfg: AdaBeliefConfig, ctx: BuildContext) -> AdaBelief:
     return AdaBelief(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)

@@ -76,7 +76,6 @@ torch ops over the moments where a fused kernel makes one.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,7 +84,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from optim.builder import BuildContext, OptimizerConfig, param_groups, register
+from optim import checks
+from optim.builder import BuildContext, OptimizerConfig, param_groups, refused, register
+from optim.checks import check_hparams
 from optim.quantize8bit import (
     ROUNDINGS,
     _check_block_size,
@@ -104,25 +105,9 @@ __all__ = ["AdamW8bit"]
 # --------------------------------------------------------------------------------------------------
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
-
-
 def _check_hparams(**h: Any) -> None:
     """ValueError, in one sentence, for the first bad hyperparameter among those given."""
-    lr = h.get("lr", 0.0)
-    if not ((_is_number(lr) or (torch.is_tensor(lr) and lr.numel() == 1)) and float(lr) >= 0.0):
-        raise ValueError(f"Invalid learning rate {lr!r}: it must be a number >= 0.")
-    for name in ("eps", "weight_decay"):
-        if name in h and not (_is_number(h[name]) and h[name] >= 0.0):
-            raise ValueError(f"Invalid {name} {h[name]!r}: it must be a number >= 0.")
-    if "betas" in h:
-        betas = h["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"Invalid betas {betas!r}: expected two numbers in [0, 1).")
-        for i, beta in enumerate(betas):
-            if not (_is_number(beta) and 0.0 <= beta < 1.0):
-                raise ValueError(f"Invalid beta{i + 1} {beta!r}: it must be in [0, 1).")
+    check_hparams(**h)
     if "block_size" in h:
         _check_block_size(h["block_size"])
     if "min_8bit_size" in h:
@@ -404,6 +389,13 @@ class AdamW8bitConfig(OptimizerConfig):
     block_size: int = 256
     min_8bit_size: int = 4096
 
+    def validate(self) -> None:
+        super().validate()
+        checks.betas(self)
+        checks.positive(self, "eps")
+        checks.require(self, "block_size", lambda v: v >= 2 and (v & (v - 1)) == 0, "a power of two >= 2")
+        checks.non_negative(self, "min_8bit_size")
+
 
 def _state_bytes(model: torch.nn.Module, cfg: AdamW8bitConfig) -> float:
     """Two uint8 codes per element (padded to whole blocks) and two fp32 scales per block; fp32 m and
@@ -459,8 +451,10 @@ def adamw8bit_stats(ctx: StatsContext, out: Reducer) -> None:
 
 
 @register(
-    "adamw8bit", AdamW8bitConfig, "ours (optim/adamw8bit.py), as bitsandbytes.optim.AdamW8bit", _state_bytes,
-    stats=adamw8bit_stats,
+    "adamw8bit", AdamW8bitConfig, _state_bytes, stats=adamw8bit_stats,
+    fsdp=refused("8-bit AdamW quantises flat blocks of whole tensors, and FSDP gives each rank a shard"),
+    search_space={"optimizer.lr": "tag(log, interval(1e-4, 1e-2))", "optimizer.weight_decay": "interval(0.0, 0.3)",
+                  "optimizer.betas.0": "interval(0.8, 0.95)", "optimizer.betas.1": "interval(0.9, 0.999)"},
 )  # fmt: skip
 def _build(model: torch.nn.Module, cfg: AdamW8bitConfig, ctx: BuildContext) -> AdamW8bit:
     return AdamW8bit(

@@ -1,10 +1,14 @@
 """Optimizer registry and builder: config -> torch optimizer with decay / no-decay parameter groups.
 
-Each optimizer registers an `OptimizerSpec` with `@register(...)` in its own module under optim/
-(torch.optim-backed ones in optim/torch_optimizers.py): its typed config (a dataclass subclassing
-`OptimizerConfig`, which Hydra checks `configs/optimizer/<name>.yaml` against), a build function,
-where the code comes from, and the optimizer-state bytes the algorithm needs in theory. Modules are
-discovered automatically, so adding an optimizer touches one Python file, one YAML and its tests.
+Each optimizer registers one `OptimizerSpec` with `@register(...)` in its own module under optim/
+(torch.optim-backed ones in optim/torch_optimizers.py). The spec is the single source of truth for the
+optimizer: its typed config (a dataclass subclassing `OptimizerConfig`, whose `validate()` holds its
+checks and which Hydra checks `configs/optimizer/<name>.yaml` against), the build function, the
+optimizer-state bytes the algorithm needs in theory, the Optuna search space of `+sweep=lr_search`, the
+FSDP verdict, the statistics family, and the behaviours shared code must know about (a per-step hook,
+an lr schedule of its own, train/eval modes, extra lr fields). The comparison presets, the FSDP lists
+and the statistics doc are checked against this registry by tests. Modules are discovered
+automatically, so adding an optimizer touches one Python file, one YAML and its tests.
 
 Cross-cutting options handled here for every optimizer: Lookahead wrapping (`optimizer.lookahead.k`)
 and linear lr scaling with the global batch (`optimizer.scale_lr`).
@@ -12,16 +16,19 @@ and linear lr scaling with the global batch (`optimizer.scale_lr`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
+
+from optim import checks
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,18 @@ class OptimizerConfig:
     scale_lr: bool = False  # lr x global_batch / reference_batch
     reference_batch: int = 32  # sequences per optimizer step that `lr` was tuned for
 
+    def validate(self) -> None:
+        """ValueError("optimizer.<field>=<value> must be ...") for the first bad value; each optimizer's
+        config extends this with its own fields (calling super().validate() first)."""
+        checks.positive(self, "lr")
+        checks.non_negative(self, "weight_decay")
+        checks.require(self, "reference_batch", lambda v: v >= 1, ">= 1")
+        k, alpha = self.lookahead.k, self.lookahead.alpha
+        if k is not None and k < 1:
+            raise ValueError(f"optimizer.lookahead.k={k} must be >= 1 (null turns Lookahead off)")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"optimizer.lookahead.alpha={alpha} must be in (0, 1]")
+
 
 @dataclass
 class BuildContext:
@@ -52,20 +71,53 @@ class BuildContext:
     warmup_steps: int = 0  # schedule.warmup_steps, for optimizers that warm up themselves
 
 
+@dataclass(frozen=True)
+class Fsdp:
+    """Whether an optimizer trains under FSDP exactly as one process does, checkpoint and resume included
+    (tests/test_distributed_optimizers.py), or why it is refused."""
+
+    verified: bool
+    reason: str = ""  # why it is refused
+
+
+VERIFIED = Fsdp(True)
+
+
+def refused(reason: str) -> Fsdp:
+    return Fsdp(False, reason)
+
+
+UNTESTED = refused("it is not verified under FSDP yet (add it to tests/test_distributed_optimizers.py)")
+
+# Searched for every optimizer by +sweep=lr_search, beside the optimizer's own space.
+SHARED_SEARCH_SPACE = {"schedule.warmup_steps": "int(interval(0, 200))"}
+
+
 @dataclass
 class OptimizerSpec:
     name: str
     config: type  # dataclass subclassing OptimizerConfig
     build: Callable[[nn.Module, Any, BuildContext], torch.optim.Optimizer]
-    source: str  # "torch.optim.AdamW", "ours (optim/lion.py)", ...
     state_bytes: Callable[[nn.Module, Any], float]  # theoretical optimizer-state bytes for this model
-    # Optional per-step hook factory: (model, optimizer, cfg, HookContext) -> hook(step)
+    # Optuna ranges for +sweep=lr_search (Hydra's sweep syntax), keyed by config path; "optimizer.lr" on a
+    # log scale around the documented default. SHARED_SEARCH_SPACE is added.
+    search_space: dict[str, str]
+    fsdp: Fsdp = UNTESTED
+    # Optional per-step hook factory: (model, optimizer, cfg, HookContext) -> hook(step), and
+    # hook_every(cfg): the interval at which the hook does its work (Sophia: hessian_interval)
     hook: Callable | None = None
-    needs_constant_schedule: bool = False  # the optimizer replaces the lr schedule
+    hook_every: Callable[[Any], int] | None = None
+    schedules_itself: bool = False  # the optimizer replaces the lr schedule (the trainer warns and ignores it)
+    # train()/eval() modes (schedule-free): evaluate, sample and checkpoint in eval mode, train in train mode
+    train_eval_modes: bool = False
+    lr_fields: tuple[str, ...] = ("lr",)  # the learning rates that optimizer.scale_lr scales
     # The family's statistics, logged under opt/ every trainer.stats_interval steps: fn(StatsContext,
     # Reducer) (optim/stats.py). stats_previous_update: the statistics compare with the previous step's update.
     stats: Callable | None = None
     stats_previous_update: bool = False
+
+    def space(self) -> dict[str, str]:
+        return {**self.search_space, **SHARED_SEARCH_SPACE}
 
 
 @dataclass
@@ -83,9 +135,14 @@ class HookContext:
 REGISTRY: dict[str, OptimizerSpec] = {}
 
 
-def register(name: str, config: type, source: str, state_bytes: Callable, **extra) -> Callable:
+def register(name: str, config: type, state_bytes: Callable, *, search_space: dict[str, str], **extra) -> Callable:
+    """Decorator of a build function: registers the optimizer `name` (see OptimizerSpec for `extra`)."""
+
     def decorator(build: Callable) -> Callable:
-        REGISTRY[name] = OptimizerSpec(name, config, build, source, state_bytes, **extra)
+        if name in REGISTRY:
+            where = f"{REGISTRY[name].build.__module__} and {build.__module__}"
+            raise ValueError(f"optimizer {name!r} is registered twice ({where})")
+        REGISTRY[name] = OptimizerSpec(name, config, build, state_bytes, search_space, **extra)
         return build
 
     return decorator
@@ -125,49 +182,27 @@ def per_param(nbytes: float) -> Callable[[nn.Module, Any], float]:
 
 # ---- validation --------------------------------------------------------------------------------------
 
-# field name -> (check, what it must be); applied to whichever fields an optimizer's config has
-_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "lr": (lambda v: v > 0, "> 0"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "eps": (lambda v: v > 0, "> 0"),
-    "eps2": (lambda v: v > 0, "> 0"),
-    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. [0.9,0.95]"),
-    "adamw_betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-    "adamw_lr": (lambda v: v > 0, "> 0"),
-    "adamw_eps": (lambda v: v > 0, "> 0"),
-    "adamw_weight_decay": (lambda v: v >= 0, ">= 0"),
-    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "dampening": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "alpha": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "rho": (lambda v: v > 0, "> 0"),
-    "hessian_interval": (lambda v: v >= 1, ">= 1"),
-    "ns_steps": (lambda v: v >= 1, ">= 1"),
-    "block_size": (lambda v: v >= 2 and (v & (v - 1)) == 0, "a power of two >= 2"),
-    "min_8bit_size": (lambda v: v >= 0, ">= 0"),
-    "reference_batch": (lambda v: v >= 1, ">= 1"),
-    "lr_decay": (lambda v: v >= 0, ">= 0"),
-    "initial_accumulator_value": (lambda v: v >= 0, ">= 0"),
-    "d": (lambda v: v > 0, "> 0"),
-    "beta2_decay": (lambda v: v <= 0, "<= 0"),
-    "r": (lambda v: v >= 0, ">= 0"),
-    "adjust_lr_fn": (lambda v: v in ("original", "match_rms_adamw"), "null, original or match_rms_adamw"),
-}
-
 
 def optimizer_errors(cfg: OptimizerConfig) -> str | None:
-    """The first invalid hyperparameter as one line, or None."""
+    """The first invalid hyperparameter as one line (the config's validate()), or None."""
     if cfg.name not in load_all():
         return f"optimizer.name={cfg.name!r} is not one of {', '.join(sorted(REGISTRY))}"
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name in _CHECKS and value is not None and not _CHECKS[f.name][0](value):
-            shown = list(value) if isinstance(value, (list, tuple)) else value
-            return f"optimizer.{f.name}={shown} must be {_CHECKS[f.name][1]}"
-    la = cfg.lookahead
-    if la.k is not None and la.k < 1:
-        return f"optimizer.lookahead.k={la.k} must be >= 1 (null turns Lookahead off)"
-    if not 0 < la.alpha <= 1:
-        return f"optimizer.lookahead.alpha={la.alpha} must be in (0, 1]"
+    try:
+        cfg.validate()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def fsdp_errors(cfg: OptimizerConfig) -> str | None:
+    """Why this optimizer cannot run under distributed=fsdp (its spec's verdict, or Lookahead), or None."""
+    verdict = load_all()[cfg.name].fsdp
+    if not verdict.verified:
+        return f"optimizer={cfg.name} cannot run under distributed=fsdp: {verdict.reason}; use distributed=ddp"
+    if cfg.lookahead.k is not None:
+        from optim.lookahead import FSDP_REFUSED
+
+        return f"optimizer.lookahead cannot run under distributed=fsdp: {FSDP_REFUSED}; use distributed=ddp"
     return None
 
 
@@ -179,9 +214,7 @@ def scaled(cfg: OptimizerConfig, global_batch: int) -> OptimizerConfig:
     if not cfg.scale_lr or global_batch == cfg.reference_batch:
         return cfg
     factor = global_batch / cfg.reference_batch
-    changes = {"lr": cfg.lr * factor}
-    if hasattr(cfg, "adamw_lr"):
-        changes["adamw_lr"] = cfg.adamw_lr * factor
+    changes = {name: getattr(cfg, name) * factor for name in load_all()[cfg.name].lr_fields}
     log.info("lr scaling: global batch %d / reference %d -> optimizer.lr %.3g -> %.3g",
              global_batch, cfg.reference_batch, cfg.lr, changes["lr"])  # fmt: skip
     return replace(cfg, **changes)
@@ -201,6 +234,33 @@ def build_hook(model, optimizer, cfg: OptimizerConfig, ctx: HookContext) -> Call
     """The optimizer's per-step hook (e.g. Sophia's Hessian refresh), called after every step, or None."""
     spec = load_all()[cfg.name]
     return spec.hook(model, optimizer, cfg, ctx) if spec.hook else None
+
+
+def hook_every(cfg: OptimizerConfig) -> int:
+    """Steps between the hook's refreshes (a step where it works: every multiple of this)."""
+    spec = load_all()[cfg.name]
+    return spec.hook_every(cfg) if spec.hook_every else 1
+
+
+@contextlib.contextmanager
+def eval_mode(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig):
+    """Inside: the weights to evaluate, sample and checkpoint. Schedule-free optimizers switch to their
+    averaged iterate x (and record eval mode in their state, so that train mode after loading restores the
+    training iterate exactly); the others are untouched. Lookahead passes train() and eval() through."""
+    switch = load_all()[cfg.name].train_eval_modes
+    if switch:
+        optimizer.eval()
+    try:
+        yield
+    finally:
+        if switch:
+            optimizer.train()
+
+
+def after_load(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> None:
+    """After loading a checkpoint (saved inside eval_mode): back to training mode."""
+    if load_all()[cfg.name].train_eval_modes:
+        optimizer.train()
 
 
 def state_bytes_theory(model: nn.Module, cfg: OptimizerConfig) -> float:

@@ -54,8 +54,9 @@ from typing import Any
 
 import torch
 
+from optim import checks
 from optim._foreach import CheckedOptimizer
-from optim.builder import BuildContext, OptimizerConfig, param_groups, per_param, register
+from optim.builder import VERIFIED, BuildContext, OptimizerConfig, param_groups, per_param, register
 from optim.stats import Reducer, StatsContext, local
 
 
@@ -137,6 +138,11 @@ class LambConfig(OptimizerConfig):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-6
 
+    def validate(self) -> None:
+        super().validate()
+        checks.betas(self)
+        checks.positive(self, "eps")
+
 
 def lamb_stats(ctx: StatsContext, out: Reducer) -> None:
     """LAMB's trust ratios ||p|| / ||r||, one per tensor, exactly as this step used them: r is rebuilt from
@@ -165,6 +171,10 @@ def lamb_stats(ctx: StatsContext, out: Reducer) -> None:
     out.derive("trust_ratio/mean", lambda v: sum(ratios(v)) / max(len(params), 1))
 
 
-@register("lamb", LambConfig, "ours (optim/lamb.py)", per_param(8), stats=lamb_stats)
+@register(
+    "lamb", LambConfig, per_param(8), fsdp=VERIFIED, stats=lamb_stats,
+    search_space={"optimizer.lr": "tag(log, interval(1e-3, 1e-1))", "optimizer.weight_decay": "interval(0.0, 0.1)",
+                  "optimizer.betas.1": "interval(0.95, 0.999)"},
+)  # fmt: skip
 def _build(model: torch.nn.Module, cfg: LambConfig, ctx: BuildContext) -> Lamb:
     return Lamb(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)

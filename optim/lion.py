@@ -36,8 +36,9 @@ from typing import Any
 
 import torch
 
+from optim import checks
 from optim._foreach import CheckedOptimizer
-from optim.builder import BuildContext, OptimizerConfig, param_groups, per_param, register
+from optim.builder import VERIFIED, BuildContext, OptimizerConfig, param_groups, per_param, register
 from optim.stats import Reducer, StatsContext, local
 
 
@@ -101,6 +102,10 @@ def _lion_foreach(
 class LionConfig(OptimizerConfig):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
 
+    def validate(self) -> None:
+        super().validate()
+        checks.betas(self)
+
 
 def lion_stats(ctx: StatsContext, out: Reducer) -> None:
     """Lion moves every coordinate by exactly lr (plus decay), so what matters is the direction.
@@ -122,6 +127,10 @@ def lion_stats(ctx: StatsContext, out: Reducer) -> None:
         out.fraction("flip_rate", [u * w < 0 for u, w in zip(ctx.updates, ctx.previous_updates, strict=True)])
 
 
-@register("lion", LionConfig, "ours (optim/lion.py)", per_param(4), stats=lion_stats, stats_previous_update=True)
+@register(
+    "lion", LionConfig, per_param(4), fsdp=VERIFIED, stats=lion_stats, stats_previous_update=True,
+    search_space={"optimizer.lr": "tag(log, interval(3e-5, 3e-3))", "optimizer.weight_decay": "interval(0.0, 1.0)",
+                  "optimizer.betas.0": "interval(0.85, 0.95)", "optimizer.betas.1": "interval(0.95, 0.999)"},
+)  # fmt: skip
 def _build(model: torch.nn.Module, cfg: LionConfig, ctx: BuildContext) -> Lion:
     return Lion(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))

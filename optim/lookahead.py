@@ -38,6 +38,13 @@ from optim.stats import Reducer, StatsContext, local
 
 _PASSTHROUGH = ("train", "eval", "update_hessian")
 
+# Lookahead's steps run on FSDP's shards, but its checkpoint state is not torch's {"state", "param_groups"}
+# layout, the only one torch.distributed.checkpoint saves and loads.
+FSDP_REFUSED = (
+    "Lookahead's checkpoint state (slow weights beside the inner optimizer's state) is not in the layout "
+    "that FSDP checkpoints (torch.distributed.checkpoint) save"
+)
+
 
 class Lookahead(Optimizer):
     """Lookahead(optimizer, k=5, alpha=0.5) around an already-built inner optimizer."""

@@ -11,6 +11,7 @@ from optim.builder import (
     OptimizerConfig,
     build_hook,
     build_optimizer,
+    hook_every,
     numel,
     state_bytes_measured,
     state_bytes_theory,
@@ -36,7 +37,7 @@ def state_report(model: nn.Module, cfg: OptimizerConfig, seq_len: int = 32, batc
     upcoming = lambda n: [next_batch() for _ in range(n)]  # noqa: E731
     hook = build_hook(model, optimizer, cfg, HookContext(upcoming, torch.autocast(device.type, enabled=False)))
     if hook is not None:  # call it at a step where it fires (Sophia: every hessian_interval steps)
-        hook(getattr(cfg, "hessian_interval", 1))
+        hook(hook_every(cfg))
     n = numel(model)
     measured, theory = state_bytes_measured(optimizer), state_bytes_theory(model, cfg)
     return {"params": n, "measured_bytes": measured, "theory_bytes": theory,

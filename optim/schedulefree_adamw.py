@@ -2,9 +2,10 @@
 `schedulefree` package (github.com/facebookresearch/schedule_free).
 
 It replaces the lr schedule by interpolating between a fast iterate z and a uniform average x; the
-model is evaluated at x. The trainer therefore calls `optimizer.eval()` before evaluation and before
-writing a checkpoint (the saved weights are x) and `optimizer.train()` after. It warms up by itself
-over `schedule.warmup_steps`, and the trainer refuses any schedule but `constant`.
+model is evaluated at x. Its spec declares train/eval modes, so the trainer evaluates, samples and
+writes checkpoints inside `optim.builder.eval_mode` (the saved weights are x) and trains in train mode.
+It warms up by itself over `schedule.warmup_steps`; any other schedule is ignored with a warning
+(`schedules_itself`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from optim.builder import BuildContext, OptimizerConfig, param_groups, per_param, register
+from optim import checks
+from optim.builder import VERIFIED, BuildContext, OptimizerConfig, param_groups, per_param, register
 from optim.stats import Reducer, StatsContext, local
 
 
@@ -24,6 +26,12 @@ class ScheduleFreeConfig(OptimizerConfig):
     eps: float = 1e-8
     r: float = 0.0  # polynomial weighting power of the average
     weight_lr_power: float = 2.0  # weight of each iterate in the average: lr_max ** weight_lr_power
+
+    def validate(self) -> None:
+        super().validate()
+        checks.betas(self)
+        checks.positive(self, "eps")
+        checks.non_negative(self, "r")
 
 
 def schedulefree_stats(ctx: StatsContext, out: Reducer) -> None:
@@ -54,8 +62,10 @@ def schedulefree_stats(ctx: StatsContext, out: Reducer) -> None:
 
 
 @register(
-    "schedulefree_adamw", ScheduleFreeConfig, "schedulefree.AdamWScheduleFree", per_param(8),
-    needs_constant_schedule=True, stats=schedulefree_stats,
+    "schedulefree_adamw", ScheduleFreeConfig, per_param(8), fsdp=VERIFIED, stats=schedulefree_stats,
+    schedules_itself=True, train_eval_modes=True,
+    search_space={"optimizer.lr": "tag(log, interval(3e-4, 3e-2))", "optimizer.weight_decay": "interval(0.0, 0.3)",
+                  "optimizer.betas.0": "interval(0.85, 0.95)", "optimizer.betas.1": "interval(0.99, 0.9999)"},
 )  # fmt: skip
 def _schedulefree_adamw(model: nn.Module, cfg: ScheduleFreeConfig, ctx: BuildContext) -> torch.optim.Optimizer:
     from schedulefree import AdamWScheduleFree

@@ -54,8 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
 
+from optim import checks
 from optim._foreach import CheckedOptimizer
-from optim.builder import BuildContext, HookContext, OptimizerConfig, param_groups, per_param, register
+from optim.builder import VERIFIED, BuildContext, HookContext, OptimizerConfig, param_groups, per_param, register
 from optim.stats import Reducer, StatsContext, local
 
 _EPS = 1e-15  # the reference's constant in the denominator
@@ -73,18 +74,12 @@ class SophiaG(CheckedOptimizer):
         weight_decay: float = 0.1,
         bs: int = 5120,
     ):
-        if not lr >= 0.0:
-            raise ValueError(f"SophiaG lr={lr} must be >= 0.")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"SophiaG betas={tuple(betas)} must be two numbers in [0, 1).")
         if not rho >= 0.0:
-            raise ValueError(f"SophiaG rho={rho} must be >= 0.")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"SophiaG weight_decay={weight_decay} must be >= 0.")
+            raise ValueError(f"Invalid rho {rho!r}: it must be >= 0.")
         if not bs > 0:
-            raise ValueError(f"SophiaG bs={bs} (tokens per optimizer step) must be > 0.")
+            raise ValueError(f"Invalid bs {bs!r}: the tokens per optimizer step must be > 0.")
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, bs=bs)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults)  # checks lr, betas and weight_decay
 
     @staticmethod
     def _init_state(p: torch.Tensor, state: dict) -> None:
@@ -210,6 +205,12 @@ class SophiaConfig(OptimizerConfig):
     rho: float = 0.04
     hessian_interval: int = 10  # k: steps between Gauss-Newton-Bartlett refreshes
 
+    def validate(self) -> None:
+        super().validate()
+        checks.betas(self)
+        checks.positive(self, "rho")
+        checks.require(self, "hessian_interval", lambda v: v >= 1, ">= 1")
+
 
 def _hessian_hook(model: nn.Module, optimizer: Optimizer, cfg: SophiaConfig, ctx: HookContext) -> Callable:
     """After every k-th step, refresh the Hessian estimate on the micro-batches of the coming step, as
@@ -246,7 +247,12 @@ def sophia_stats(ctx: StatsContext, out: Reducer) -> None:
     out.fraction("clipped_fraction", clipped)
 
 
-@register("sophia", SophiaConfig, "ours (optim/sophia.py)", per_param(8), hook=_hessian_hook, stats=sophia_stats)
+@register(
+    "sophia", SophiaConfig, per_param(8), fsdp=VERIFIED, stats=sophia_stats,
+    hook=_hessian_hook, hook_every=lambda cfg: cfg.hessian_interval,
+    search_space={"optimizer.lr": "tag(log, interval(3e-5, 3e-3))", "optimizer.weight_decay": "interval(0.0, 0.3)",
+                  "optimizer.rho": "tag(log, interval(0.01, 0.1))", "optimizer.betas.0": "interval(0.9, 0.98)"},
+)  # fmt: skip
 def _build(model: nn.Module, cfg: SophiaConfig, ctx: BuildContext) -> SophiaG:
     return SophiaG(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), rho=cfg.rho,

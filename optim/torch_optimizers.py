@@ -12,17 +12,18 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from optim.builder import BuildContext, OptimizerConfig, numel, param_groups, per_param, register
+from optim import checks
+from optim.builder import VERIFIED, BuildContext, OptimizerConfig, numel, param_groups, per_param, refused, register
 from optim.combined import CombinedOptimizer
 from optim.stats import Reducer, StatsContext, local
+
+IMPLS = ("auto", "fused", "foreach", "for_loop")
 
 
 def _impl_kwargs(impl: str, device: torch.device, fused_ok: bool = True) -> dict:
     """torch.optim's fastest path: fused kernels (CUDA and CPU since torch 2.4), else foreach."""
     if impl == "auto":
         impl = "fused" if fused_ok and device.type in ("cuda", "cpu") else "foreach"
-    if impl not in ("fused", "foreach", "for_loop"):
-        raise ValueError(f"optimizer.impl={impl!r} must be auto, fused, foreach or for_loop")
     return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
 
 
@@ -31,6 +32,11 @@ class SGDConfig(OptimizerConfig):
     momentum: float = 0.0
     nesterov: bool = False
     dampening: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        checks.below_one(self, "momentum")
+        checks.require(self, "dampening", lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def _sgd(model: nn.Module, cfg: SGDConfig, ctx: BuildContext) -> torch.optim.Optimizer:
@@ -67,9 +73,14 @@ def sgd_stats(ctx: StatsContext, out: Reducer) -> None:
     out.derive("descent_cos", lambda v: -v["_cos/update_grad"])
 
 
-register("sgd", SGDConfig, "torch.optim.SGD", per_param(0), stats=sgd_stats)(_sgd)
-register("momentum", SGDConfig, "torch.optim.SGD(momentum)", per_param(4), stats=sgd_stats)(_sgd)
-register("nesterov", SGDConfig, "torch.optim.SGD(nesterov)", per_param(4), stats=sgd_stats)(_sgd)
+_SGD_SPACE = {"optimizer.lr": "tag(log, interval(5e-3, 0.5))", "optimizer.momentum": "interval(0.8, 0.98)"}
+register(
+    "sgd", SGDConfig, per_param(0), fsdp=VERIFIED, stats=sgd_stats,
+    search_space={"optimizer.lr": "tag(log, interval(0.05, 5.0))",
+                  "optimizer.weight_decay": "tag(log, interval(1e-6, 1e-3))"},
+)(_sgd)  # fmt: skip
+register("momentum", SGDConfig, per_param(4), search_space=_SGD_SPACE, fsdp=VERIFIED, stats=sgd_stats)(_sgd)
+register("nesterov", SGDConfig, per_param(4), search_space=_SGD_SPACE, fsdp=VERIFIED, stats=sgd_stats)(_sgd)
 
 
 @dataclass
@@ -77,6 +88,11 @@ class AdagradConfig(OptimizerConfig):
     eps: float = 1e-10
     lr_decay: float = 0.0
     initial_accumulator_value: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        checks.positive(self, "eps")
+        checks.non_negative(self, "lr_decay", "initial_accumulator_value")
 
 
 def accumulator_stats(ctx: StatsContext, out: Reducer) -> None:
@@ -109,7 +125,11 @@ def accumulator_stats(ctx: StatsContext, out: Reducer) -> None:
     momentum_stats(ctx, out)
 
 
-@register("adagrad", AdagradConfig, "torch.optim.Adagrad", per_param(4), stats=accumulator_stats)
+@register(
+    "adagrad", AdagradConfig, per_param(4), fsdp=VERIFIED, stats=accumulator_stats,
+    search_space={"optimizer.lr": "tag(log, interval(1e-3, 1e-1))",
+                  "optimizer.initial_accumulator_value": "interval(0.0, 0.1)"},
+)  # fmt: skip
 def _adagrad(model: nn.Module, cfg: AdagradConfig, ctx: BuildContext) -> torch.optim.Optimizer:
     return torch.optim.Adagrad(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, lr_decay=cfg.lr_decay, eps=cfg.eps,
@@ -124,12 +144,21 @@ class RMSpropConfig(OptimizerConfig):
     momentum: float = 0.0
     centered: bool = False
 
+    def validate(self) -> None:
+        super().validate()
+        checks.below_one(self, "alpha", "momentum")
+        checks.positive(self, "eps")
+
 
 def _rmsprop_bytes(model: nn.Module, cfg: RMSpropConfig) -> float:
     return (4 + 4 * (cfg.momentum > 0) + 4 * cfg.centered) * numel(model)
 
 
-@register("rmsprop", RMSpropConfig, "torch.optim.RMSprop", _rmsprop_bytes, stats=accumulator_stats)
+@register(
+    "rmsprop", RMSpropConfig, _rmsprop_bytes, fsdp=VERIFIED, stats=accumulator_stats,
+    search_space={"optimizer.lr": "tag(log, interval(1e-4, 1e-2))", "optimizer.alpha": "interval(0.9, 0.999)",
+                  "optimizer.momentum": "interval(0.0, 0.9)"},
+)  # fmt: skip
 def _rmsprop(model: nn.Module, cfg: RMSpropConfig, ctx: BuildContext) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps,
@@ -142,6 +171,12 @@ class AdamConfig(OptimizerConfig):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     impl: str = "auto"  # auto | fused | foreach | for_loop
+
+    def validate(self) -> None:
+        super().validate()
+        checks.betas(self)
+        checks.positive(self, "eps")
+        checks.require(self, "impl", lambda v: v in IMPLS, "auto, fused, foreach or for_loop")
 
 
 def adam_step_size(ctx: StatsContext, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -176,7 +211,18 @@ def adam_stats(ctx: StatsContext, out: Reducer) -> None:
     adam_moment_stats(ctx, out, params, ms, ctx.state("exp_avg_sq")[1])
 
 
-@register("adam", AdamConfig, "torch.optim.Adam", per_param(8), stats=adam_stats)
+ADAM_SPACE = {
+    "optimizer.lr": "tag(log, interval(1e-4, 1e-2))",
+    "optimizer.weight_decay": "interval(0.0, 0.3)",
+    "optimizer.betas.0": "interval(0.8, 0.95)",
+    "optimizer.betas.1": "interval(0.9, 0.999)",
+}
+
+
+@register(
+    "adam", AdamConfig, per_param(8), fsdp=VERIFIED, stats=adam_stats,
+    search_space={k: v for k, v in ADAM_SPACE.items() if k != "optimizer.weight_decay"},  # an L2 penalty: left at 0
+)  # fmt: skip
 def _adam(model: nn.Module, cfg: AdamConfig, ctx: BuildContext) -> torch.optim.Optimizer:
     # Adam's weight_decay is the L2 penalty added to the gradient (coupled), unlike AdamW.
     return torch.optim.Adam(
@@ -185,7 +231,7 @@ def _adam(model: nn.Module, cfg: AdamConfig, ctx: BuildContext) -> torch.optim.O
     )  # fmt: skip
 
 
-@register("adamw", AdamConfig, "torch.optim.AdamW", per_param(8), stats=adam_stats)
+@register("adamw", AdamConfig, per_param(8), search_space=ADAM_SPACE, fsdp=VERIFIED, stats=adam_stats)
 def _adamw(model: nn.Module, cfg: AdamConfig, ctx: BuildContext) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
@@ -199,6 +245,11 @@ class AdafactorConfig(OptimizerConfig):
     eps1: float | None = None  # None: torch's default, the dtype's eps
     eps2: float = 1e-3
     d: float = 1.0  # update clipping threshold
+
+    def validate(self) -> None:
+        super().validate()
+        checks.positive(self, "eps1", "eps2", "d")
+        checks.require(self, "beta2_decay", lambda v: v <= 0, "<= 0")
 
 
 def _adafactor_bytes(model: nn.Module, cfg: AdafactorConfig) -> float:
@@ -251,7 +302,12 @@ def adafactor_stats(ctx: StatsContext, out: Reducer) -> None:
     )
 
 
-@register("adafactor", AdafactorConfig, "torch.optim.Adafactor", _adafactor_bytes, stats=adafactor_stats)
+@register(
+    "adafactor", AdafactorConfig, _adafactor_bytes, stats=adafactor_stats,
+    fsdp=refused("Adafactor's factored moments average whole rows and columns, and FSDP shards them"),
+    search_space={"optimizer.lr": "tag(log, interval(1e-3, 1e-1))", "optimizer.weight_decay": "interval(0.0, 0.1)",
+                  "optimizer.beta2_decay": "interval(-1.0, -0.5)"},
+)  # fmt: skip
 def _adafactor(model: nn.Module, cfg: AdafactorConfig, ctx: BuildContext) -> torch.optim.Optimizer:
     return torch.optim.Adafactor(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, beta2_decay=cfg.beta2_decay,
@@ -271,6 +327,16 @@ class MuonConfig(OptimizerConfig):
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adamw_eps: float = 1e-8
     adamw_weight_decay: float = 0.1
+
+    def validate(self) -> None:
+        super().validate()
+        checks.below_one(self, "momentum")
+        checks.require(self, "ns_steps", lambda v: v >= 1, ">= 1")
+        checks.positive(self, "eps", "adamw_lr", "adamw_eps")
+        checks.require(self, "adjust_lr_fn", lambda v: v in ("original", "match_rms_adamw"),
+                       "null, original or match_rms_adamw")  # fmt: skip
+        checks.betas(self, "adamw_betas")
+        checks.non_negative(self, "adamw_weight_decay")
 
 
 def muon_params(model: nn.Module) -> list[nn.Parameter]:
@@ -322,7 +388,13 @@ def muon_stats(ctx: StatsContext, out: Reducer) -> None:
         out.spread_of("ortho_sv_rms", lambda v, r=ranks: [(v[f"_sq/ortho/{k}"] / n) ** 0.5 for k, n in enumerate(r)])
 
 
-@register("muon", MuonConfig, "torch.optim.Muon + torch.optim.AdamW", _muon_bytes, stats=muon_stats)
+@register(
+    "muon", MuonConfig, _muon_bytes, lr_fields=("lr", "adamw_lr"), stats=muon_stats,
+    fsdp=refused("Muon orthogonalises whole matrices, and FSDP gives each rank a shard"),
+    search_space={"optimizer.lr": "tag(log, interval(2e-3, 0.2))", "optimizer.momentum": "interval(0.85, 0.98)",
+                  "optimizer.adamw_lr": "tag(log, interval(1e-4, 1e-2))",
+                  "optimizer.weight_decay": "interval(0.0, 0.1)"},
+)  # fmt: skip
 def _muon(model: nn.Module, cfg: MuonConfig, ctx: BuildContext) -> torch.optim.Optimizer:
     hidden = muon_params(model)
     hidden_ids = {id(p) for p in hidden}

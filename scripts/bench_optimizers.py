@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from models.minigpt import MiniGPT
-from optim.builder import BuildContext, build_optimizer, load_all, param_groups
+from optim.builder import BuildContext, build_optimizer, hook_every, load_all, param_groups
 from trainer.build import model_config
 from trainer.entry.cli import compose_config
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         opt = build_optimizer(model, cfg, ctx)
         hook = None
         if hasattr(opt, "update_hessian"):
-            k = getattr(cfg, "hessian_interval", 10)
+            k = hook_every(cfg)
             hook = lambda i, o=opt, k=k: o.update_hessian() if i % k == 0 else None  # noqa: E731
         ms = time_steps(opt, args.steps, args.warmup, hook)
         del opt
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             ref = refs[name](param_groups(model, cfg.weight_decay), cfg)
             ref_hook = None
             if hasattr(ref, "update_hessian"):
-                k = cfg.hessian_interval
+                k = hook_every(cfg)
                 ref_hook = lambda i, o=ref, k=k: o.update_hessian() if i % k == 0 else None  # noqa: E731
             ref_ms = time_steps(ref, args.steps, args.warmup, ref_hook)
             result.update({"ref_ms": round(ref_ms, 2), "vs_ref": round(ms / ref_ms, 3)})

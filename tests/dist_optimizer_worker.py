@@ -36,11 +36,19 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.utils._pytree import tree_map_only
 
 from models.minigpt import MiniGPT
-from optim.builder import BuildContext, HookContext, build_hook, build_optimizer, load_all
+from optim.builder import (
+    BuildContext,
+    HookContext,
+    after_load,
+    build_hook,
+    build_optimizer,
+    eval_mode,
+    fsdp_errors,
+    load_all,
+)
 from trainer.build import model_config
-from trainer.distributed import Dist, check_fsdp_optimizer, mean_over_ranks, setup, wrap
-from trainer.errors import ConfigError
-from trainer.loop import optimizer_eval_mode, train_step
+from trainer.distributed import Dist, mean_over_ranks, setup, wrap
+from trainer.loop import train_step
 from trainer.runtime import grad_scaler, seed_everything
 
 STEPS = 4
@@ -71,13 +79,7 @@ def make_case(name: str, strategy: str) -> Case:
         "distributed": strategy, "distributed.param_dtype": "fp32",
     }  # fmt: skip
     cfg = OmegaConf.to_object(compose_cfg([f"{k}={v}" for k, v in overrides.items()]))
-    refused = None
-    if strategy == "fsdp":
-        try:
-            check_fsdp_optimizer(cfg.optimizer.name, cfg.optimizer.lookahead.k is not None)
-        except ConfigError as e:
-            refused = str(e)
-    return Case(name, cfg, refused)
+    return Case(name, cfg, fsdp_errors(cfg.optimizer) if strategy == "fsdp" else None)
 
 
 def global_batches(seed: int = 1234) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -152,7 +154,7 @@ class Copy:
         """The loss on the eval batch at the weights the trainer evaluates (schedule-free: its average)."""
         micro_batches = self.layout.micro_batches(self.batches[-1])
         self.step_model.eval()
-        with optimizer_eval_mode(self.optimizer):
+        with eval_mode(self.optimizer, self.cfg.optimizer):
             loss = sum(self.step_model(*batch)[1] for batch in micro_batches) / len(micro_batches)
         self.step_model.train()
         return mean_over_ranks(loss, self.layout.d)
@@ -163,7 +165,7 @@ class Copy:
         sharded state dicts, otherwise torch's own state dicts; then `optimizer.train()`."""
         fresh = Copy(case, self.layout, self.batches)
         sharded = self.layout.d.strategy == "fsdp"
-        with optimizer_eval_mode(self.optimizer):
+        with eval_mode(self.optimizer, self.cfg.optimizer):
             if sharded:
                 model_state = get_model_state_dict(self.model)
                 optimizer_state = get_optimizer_state_dict(self.model, self.optimizer)
@@ -176,8 +178,7 @@ class Copy:
         else:
             fresh.model.load_state_dict(model_state)
             fresh.optimizer.load_state_dict(optimizer_state)
-        if callable(getattr(fresh.optimizer, "train", None)):
-            fresh.optimizer.train()
+        after_load(fresh.optimizer, case.cfg.optimizer)
         fresh.coming = self.coming
         return fresh
 

@@ -10,7 +10,7 @@ import torch
 from conftest import compose_cfg
 
 from models.minigpt import GPTConfig, MiniGPT
-from optim.builder import BuildContext, build_optimizer, load_all, param_groups
+from optim.builder import BuildContext, build_optimizer, eval_mode, load_all, param_groups
 from optim.combined import CombinedOptimizer
 from trainer.config import to_typed
 from trainer.errors import ConfigError
@@ -161,8 +161,6 @@ def test_unknown_optimizer_key_is_rejected():
 
 
 def test_schedulefree_switches_to_its_average_for_eval_and_back():
-    from trainer.loop import optimizer_eval_mode
-
     m = model()
     cfg = to_typed(compose_cfg(["optimizer=schedulefree_adamw"])).optimizer
     opt = build_optimizer(m, cfg, CPU)
@@ -172,7 +170,7 @@ def test_schedulefree_switches_to_its_average_for_eval_and_back():
         opt.step()
         opt.zero_grad()
     training = [p.detach().clone() for p in m.parameters()]
-    with optimizer_eval_mode(opt):
+    with eval_mode(opt, cfg):
         assert opt.param_groups[0]["train_mode"] is False
         assert any(not torch.equal(p, q) for p, q in zip(m.parameters(), training, strict=True))  # x, not y
     assert opt.param_groups[0]["train_mode"] is True
@@ -195,3 +193,50 @@ def test_sophia_hook_refreshes_the_hessian_every_k_steps():
     assert calls == [3]  # the coming step's whole batch
     hessians = [opt.state[p]["hessian"] for p in m.parameters()]
     assert all(h.sum() > 0 for h in hessians) and all(p.grad is None for p in m.parameters())
+
+
+@pytest.mark.parametrize(
+    "optimizer, override, message",
+    [
+        ("momentum", "optimizer.momentum=1.0", "optimizer.momentum=1.0 must be in [0, 1)"),
+        ("sgd", "optimizer.dampening=2", "optimizer.dampening=2.0 must be in [0, 1]"),
+        ("adagrad", "optimizer.lr_decay=-1", "optimizer.lr_decay=-1.0 must be >= 0"),
+        ("rmsprop", "optimizer.alpha=1.0", "optimizer.alpha=1.0 must be in [0, 1)"),
+        ("adamw", "optimizer.impl=fast", "optimizer.impl=fast must be auto, fused, foreach or for_loop"),
+        ("adafactor", "optimizer.beta2_decay=0.5", "optimizer.beta2_decay=0.5 must be <= 0"),
+        ("muon", "optimizer.adamw_lr=0", "optimizer.adamw_lr=0.0 must be > 0"),
+        ("muon", "optimizer.adjust_lr_fn=rms", "optimizer.adjust_lr_fn=rms must be null, original or match_rms_adamw"),
+        (
+            "muon",
+            "optimizer.adamw_betas=[0.9,1.0]",
+            "optimizer.adamw_betas=[0.9, 1.0] must be two numbers in [0, 1), e.g. [0.9,0.95]",
+        ),
+        ("sophia", "optimizer.hessian_interval=0", "optimizer.hessian_interval=0 must be >= 1"),
+        ("adamw8bit", "optimizer.block_size=100", "optimizer.block_size=100 must be a power of two >= 2"),
+        ("schedulefree_adamw", "optimizer.r=-1", "optimizer.r=-1.0 must be >= 0"),
+        ("lion", "optimizer.reference_batch=0", "optimizer.reference_batch=0 must be >= 1"),
+        ("lamb", "optimizer.lookahead.alpha=0", "optimizer.lookahead.alpha=0.0 must be in (0, 1]"),
+    ],
+)
+def test_each_config_checks_its_own_fields_before_training(optimizer, override, message):
+    """The checks live on the config classes (validate()); the run refuses with their one line."""
+    with pytest.raises(ConfigError) as info:
+        to_typed(compose_cfg([f"optimizer={optimizer}", override]))
+    assert str(info.value) == message
+
+
+def test_registering_a_name_twice_is_an_error():
+    from optim.builder import REGISTRY, register
+
+    before = REGISTRY["adamw"]
+    with pytest.raises(ValueError, match="'adamw' is registered twice"):
+        register("adamw", before.config, before.state_bytes, search_space={})(lambda model, cfg, ctx: None)
+    assert REGISTRY["adamw"] is before
+
+
+def test_every_spec_has_a_search_space_of_its_own_fields():
+    for name, spec in load_all().items():
+        fields = set(spec.config.__dataclass_fields__)
+        assert "optimizer.lr" in spec.search_space, name
+        for key in spec.space():
+            assert key.startswith("schedule.") or key.split(".")[1] in fields, (name, key)

@@ -16,14 +16,16 @@ import torch.distributed as dist
 from conftest import REPO
 from test_optim_stats import REL, run
 
+from optim.builder import load_all
 from optim.sophia import gnb_hessian_update
 from trainer.config import DistributedConfig
-from trainer.distributed import FSDP_VERIFIED, Dist, wrap
+from trainer.distributed import Dist, wrap
 
 # This file is also the worker: `torchrun --nproc_per_node=2 tests/test_optim_stats_distributed.py {ddp|fsdp}` runs each
 # optimizer on 2 CPU ranks (gloo), both ranks on the same whole batch, so the averaged gradient and every
 # step are one process's, and rank 0 prints how far every statistic (per-layer and opt/) is from one process.
 
+FSDP_VERIFIED = sorted(name for name, spec in load_all().items() if spec.fsdp.verified)
 DIST_NAMES = {"fsdp": FSDP_VERIFIED, "ddp": ("adamw", "lion", "muon")}
 DIST_EXTRA = {"sophia": ["optimizer.rho=50"], "rmsprop": ["optimizer.momentum=0.5", "optimizer.centered=true"]}
 

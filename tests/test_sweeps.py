@@ -13,6 +13,8 @@ import pytest
 import yaml
 from conftest import REPO, tiny_overrides
 
+from optim.builder import load_all
+
 ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
 ENV |= {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 
@@ -60,7 +62,7 @@ def test_optuna_lr_search_runs_trials_over_the_optimizers_space(tmp_path, corpus
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "setup plugin" not in proc.stdout + proc.stderr  # alembic's import chatter is silenced
     result = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
-    space = yaml.safe_load((REPO / "configs/sweep/space/lion.yaml").read_text())["hydra"]["sweeper"]["params"]
+    space = load_all()["lion"].space()
     assert set(result["best_params"]) == set(space) - {"schedule.warmup_steps"}  # fixed on the command line
     losses = [final_val_loss(tmp_path / "sweep" / job) for job in ("0", "1")]
     assert result["best_value"] == pytest.approx(min(losses))  # what the task returned is what Optuna minimised

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from models.minigpt import GPTConfig, MiniGPT
-from optim.builder import BuildContext, HookContext, build_hook, build_optimizer, load_all
+from optim.builder import BuildContext, HookContext, after_load, build_hook, build_optimizer, load_all
 from optim.schedules import build_scheduler, constant_scheduler
 from trainer import checkpoint as ckpt_io
 from trainer.config import ModelConfig, TrainConfig
@@ -129,7 +129,7 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
         optimizer = build_optimizer(model, cfg.optimizer, ctx)  # after wrapping: FSDP's sharded parameters
     except ValueError as e:  # a hyperparameter the optimizer's own constructor rejects
         raise ConfigError(f"optimizer={cfg.optimizer.name}: {e}") from None
-    if load_all()[cfg.optimizer.name].needs_constant_schedule:
+    if load_all()[cfg.optimizer.name].schedules_itself:
         if cfg.schedule.name != "constant":
             log.warning("optimizer=%s schedules itself: schedule=%s is ignored (its warmup_steps=%d apply)",
                         cfg.optimizer.name, cfg.schedule.name, cfg.schedule.warmup_steps)  # fmt: skip
@@ -150,8 +150,7 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
             ckpt_io.load_sharded(ckpt, model, optimizer)
         else:
             optimizer.load_state_dict(state["optimizer"])
-        if callable(getattr(optimizer, "train", None)):
-            optimizer.train()  # schedule-free: checkpoints hold the eval-mode average; back to training
+        after_load(optimizer, cfg.optimizer)  # schedule-free: checkpoints hold the eval-mode average
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         try:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from models.minigpt import GPTConfig
-from optim.builder import OptimizerConfig, load_all, optimizer_errors
+from optim.builder import OptimizerConfig, fsdp_errors, load_all, optimizer_errors
 from optim.schedules import ScheduleConfig
 from trainer.errors import ConfigError
 
@@ -198,22 +197,29 @@ GROUP_SCHEMAS = {
 
 
 def search_space(*, _root_: DictConfig) -> DictConfig | None:
-    """The Optuna search space of the run's optimizer (`${search_space:}` in configs/sweep/lr_search.yaml):
-    the `hydra.sweeper.params` of configs/sweep/space/<optimizer>.yaml. A resolver rather than a
-    defaults-list interpolation, because Hydra composes `+sweep=...` before it knows the optimizer."""
+    """The Optuna search space of the run's optimizer (`${search_space:}` in configs/sweep/lr_search.yaml),
+    from its spec (optim/builder.py: OptimizerSpec.search_space). A resolver rather than a defaults-list
+    interpolation, because Hydra composes `+sweep=...` before it knows the optimizer."""
     name = OmegaConf.select(_root_, "optimizer.name", default=None)
     if name is None:  # Hydra resolves it once on the preset alone, while merging it
         return None
-    path = Path(__file__).resolve().parent.parent / "configs" / "sweep" / "space" / f"{name}.yaml"
-    if not path.exists():
-        raise ConfigError(f"no Optuna search space for optimizer={name}: add {path}")
-    return OmegaConf.load(path).hydra.sweeper.params
+    if name not in load_all():
+        raise ConfigError(f"optimizer.name={name!r} is not one of {', '.join(sorted(load_all()))}")
+    return OmegaConf.create(load_all()[name].space())
+
+
+def optimizer_names() -> str:
+    """Every registered optimizer, comma-separated: the sweep over the zoo (`${optimizer_names:}` in
+    configs/sweep/compare_optimizers.yaml), so a new optimizer joins the comparison by registering."""
+    return ",".join(load_all())
 
 
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore and register the config resolvers (idempotent)."""
     if not OmegaConf.has_resolver("search_space"):
         OmegaConf.register_new_resolver("search_space", search_space, use_cache=False)
+    if not OmegaConf.has_resolver("optimizer_names"):
+        OmegaConf.register_new_resolver("optimizer_names", optimizer_names)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for group, schema in GROUP_SCHEMAS.items():
@@ -321,10 +327,8 @@ def validate(cfg: TrainConfig) -> None:
     if problem:
         raise ConfigError(problem)
     spec = load_all()[o.name]
-    if cfg.distributed.strategy == "fsdp":
-        from trainer.distributed import check_fsdp_optimizer
-
-        check_fsdp_optimizer(o.name, o.lookahead.k is not None)
+    if cfg.distributed.strategy == "fsdp" and (problem := fsdp_errors(o)):
+        raise ConfigError(problem)
     if type(o) is not spec.config:
         raise ConfigError(
             f"optimizer.name={o.name} does not match the optimizer group: select it with optimizer={o.name}"

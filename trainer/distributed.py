@@ -93,38 +93,6 @@ def local_device(device: torch.device, d: Dist) -> torch.device:
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-# Optimizers that train under FSDP exactly as one process does, checkpoint and resume included
-# (tests/test_distributed_optimizers.py); the others are refused with the reason, since sharded
-# parameters break what they assume. Every registered optimizer is in one of the two (tested).
-FSDP_REFUSED = {
-    "muon": "Muon orthogonalises whole matrices, and FSDP gives each rank a shard",
-    "adafactor": "Adafactor's factored moments average whole rows and columns, and FSDP shards them",
-    "adamw8bit": "8-bit AdamW quantises flat blocks of whole tensors, and FSDP gives each rank a shard",
-}
-FSDP_VERIFIED = (
-    "sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "adabelief", "lion", "lamb", "sophia",
-    "schedulefree_adamw",
-)  # fmt: skip
-# Lookahead wraps any optimizer. Its steps run on shards, but its checkpoint state is not torch's
-# {"state", "param_groups"} layout, the only one torch.distributed.checkpoint saves and loads.
-FSDP_LOOKAHEAD_REFUSED = (
-    "Lookahead's checkpoint state (slow weights beside the inner optimizer's state) is not in the layout "
-    "that FSDP checkpoints (torch.distributed.checkpoint) save"
-)
-
-
-def check_fsdp_optimizer(name: str, lookahead: bool) -> None:
-    if name in FSDP_REFUSED:
-        raise ConfigError(
-            f"optimizer={name} cannot run under distributed=fsdp: {FSDP_REFUSED[name]}; use distributed=ddp"
-        )
-    if lookahead:
-        raise ConfigError(
-            f"optimizer.lookahead cannot run under distributed=fsdp: {FSDP_LOOKAHEAD_REFUSED}; use distributed=ddp"
-        )
-    if name not in FSDP_VERIFIED:  # an optimizer added since: refused until tested under FSDP
-        raise ConfigError(f"optimizer={name} is not verified under distributed=fsdp yet; use distributed=ddp")
-
 
 def wrap(model: nn.Module, d: Dist, device: torch.device, cfg=None) -> nn.Module:
     """DDP around the model, or FSDP2: fully_shard each transformer block, then the root."""

@@ -6,7 +6,6 @@ gradient norm stay on the device.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -17,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from optim.builder import family_stats, state_bytes_measured
+from optim.builder import eval_mode, family_stats, state_bytes_measured
 from trainer import checkpoint as ckpt_io
 from trainer.build import Run, optimizer_format
 from trainer.data.sampling import validation_windows
@@ -85,19 +84,6 @@ def train_step(
     return loss, full_norm
 
 
-@contextlib.contextmanager
-def optimizer_eval_mode(optimizer: torch.optim.Optimizer):
-    """Schedule-free optimizers evaluate and checkpoint at their averaged iterate: switch them to it."""
-    switch = callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
-    if switch:
-        optimizer.eval()
-    try:
-        yield
-    finally:
-        if switch:
-            optimizer.train()
-
-
 @torch.no_grad()
 def evaluate(run: Run) -> float:
     """Mean loss over trainer.eval_steps validation batches: the first ones of the split, the same at every
@@ -107,7 +93,7 @@ def evaluate(run: Run) -> float:
     windows = validation_windows(run.val_tokens, run.seq_len, t.micro_batch_size, run.device, d.rank, d.world_size)
     run.step_model.eval()
     losses = torch.zeros(t.eval_steps, device=run.device)
-    with autocast(t.precision, run.device), optimizer_eval_mode(run.optimizer):
+    with autocast(t.precision, run.device), eval_mode(run.optimizer, run.cfg.optimizer):
         for i in range(t.eval_steps):
             _, losses[i] = run.step_model(*windows.next_batch())
     run.step_model.train()
@@ -120,7 +106,7 @@ def save(run: Run, step: int, loss_window: tuple[float, int], train_seconds: flo
     d, sharded = run.dist, run.dist.strategy == "fsdp"
     # Inside eval mode, a schedule-free optimizer saves the averaged weights x and records eval mode
     # in its state, so that `optimizer.train()` after loading restores the training iterate exactly.
-    with optimizer_eval_mode(run.optimizer):
+    with eval_mode(run.optimizer, run.cfg.optimizer):
 
         def write(directory):
             if sharded:

@@ -97,9 +97,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
 
 
 def _train(typed: TrainConfig, run_dir: Path, d) -> float | None:
+    from optim.builder import eval_mode
     from trainer import distributed
     from trainer.build import setup_run
-    from trainer.loop import fit, generate_text, optimizer_eval_mode
+    from trainer.loop import fit, generate_text
     from trainer.telemetry.metrics import MetricsLogger, NullMetrics
 
     if d.enabled:  # every rank works in rank 0's run directory (Hydra's timestamps may differ by a second)
@@ -150,7 +151,7 @@ def _train(typed: TrainConfig, run_dir: Path, d) -> float | None:
             sys.exit(128 + result.interrupted_by)  # `finally` closes the metrics
         t = typed.trainer
         if t.sample_tokens > 0 and d.is_main:
-            with optimizer_eval_mode(r.optimizer):  # schedule-free: sample at the averaged weights
+            with eval_mode(r.optimizer, typed.optimizer):  # schedule-free: sample at the averaged weights
                 text = generate_text(
                     r.model, r.tokenizer, t.sample_prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k, t.seed
                 )
