@@ -238,7 +238,7 @@ def compare(case: Case, d: Dist, batches) -> dict | None:
         # against one process accumulating the ranks' shares: the same sums of the same numbers
         "split_loss_rel": loss_diff(losses, split_losses), "split_param_abs": param_diff(weights, split)[0],
         # one process, whole vs accumulated: what fp32 rounding alone does to this optimizer
-        "floor_param_abs": param_diff(split, whole)[0],
+        "floor_param_abs": param_diff(split, whole)[0], "floor_loss_rel": loss_diff(split_losses, whole_losses),
     }  # fmt: skip
 
 

@@ -10,8 +10,8 @@ What matching means, in fp32:
 - against whole, 1e-5 relative on losses and 1e-5 absolute on weights. Summing the batch in two halves
   changes the gradient in its last bits, and a few optimizers turn that into larger weight changes even
   in one process ("floor": split against whole). Those are listed in ROUNDING_SENSITIVE with the reason,
-  and held to their floor instead; the attention's key bias is left out for every optimizer (see
-  `live` in the worker: it never changes the loss, so its gradient is rounding noise).
+  and held to twice their floor (on weights and on losses) instead; the attention's key bias is left out
+  for every optimizer (see `live` in the worker: it never changes the loss, so its gradient is noise).
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ ROUNDING_SENSITIVE = {
     "muon": "Newton-Schulz orthogonalisation runs in bf16, so a last-bit change of the fp32 gradient can "
     "round differently and the iteration amplifies it (2e-3)",
     "adamw8bit": "its moments are quantised to 8 bits, so a last-bit change can cross a quantisation level (6e-5)",
+    "soap": "early on, Shampoo's factors of a non-square matrix are rank-deficient (rank <= the short side x "
+    "steps); in their null directions m and v are both rounding noise, and m / (sqrt(v) + eps) turns it into "
+    "steps of order lr (1e-2; losses 8e-5 relative)",
 }
 
 
@@ -55,10 +58,11 @@ def worker_results(strategy: str) -> dict[str, dict]:
 def assert_matches(r: dict) -> None:
     assert "error" not in r, r
     assert r["split_loss_rel"] < TOL and r["split_param_abs"] < TOL, r
-    assert r["loss_rel"] < TOL, r
     if r["optimizer"] in ROUNDING_SENSITIVE:
+        assert r["loss_rel"] <= max(2 * r["floor_loss_rel"], TOL), r
         assert r["param_abs"] <= max(2 * r["floor_param_abs"], TOL), r
     else:
+        assert r["loss_rel"] < TOL, r
         assert r["param_abs"] < TOL, r
 
 

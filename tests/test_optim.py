@@ -211,6 +211,8 @@ def test_sophia_hook_refreshes_the_hessian_every_k_steps():
             "optimizer.adamw_betas=[0.9,1.0]",
             "optimizer.adamw_betas=[0.9, 1.0] must be two numbers in [0, 1), e.g. [0.9,0.95]",
         ),
+        ("soap", "optimizer.precondition_frequency=0", "optimizer.precondition_frequency=0 must be >= 1"),
+        ("soap", "optimizer.shampoo_beta=1.0", "optimizer.shampoo_beta=1.0 must be in [0, 1)"),
         ("sophia", "optimizer.hessian_interval=0", "optimizer.hessian_interval=0 must be >= 1"),
         ("adamw8bit", "optimizer.block_size=100", "optimizer.block_size=100 must be a power of two >= 2"),
         ("schedulefree_adamw", "optimizer.r=-1", "optimizer.r=-1.0 must be >= 0"),
