@@ -1,7 +1,10 @@
 """The training loop: steps, evaluation, logging and checkpoints. Everything is built in trainer/build.py.
 
-Host syncs (`.item()`) happen only at log, eval and checkpoint steps; in between, the loss and the
-gradient norm stay on the device.
+Host syncs: the loss and the gradient norm stay on the device and are read at log, eval and checkpoint
+steps. One more, every step, while any anomaly detector's action is skip or stop (the default skips
+non-finite steps): the guard reads a 3-element flag vector before the optimizer step, because whether to
+apply the step must be known on the host (trainer/telemetry/anomaly.py). `trainer.anomaly.nonfinite=warn`
+removes it.
 """
 
 from __future__ import annotations
