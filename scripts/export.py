@@ -17,16 +17,13 @@ from pathlib import Path
 
 from safetensors.torch import save_model
 
-from models.minigpt import GPTConfig, MiniGPT
 from trainer import checkpoint as ckpt_io
 from trainer.errors import ConfigError, exit_with_error
 
 
 def export(ckpt: Path, out: Path) -> int:
     """Write the checkpoint's whole model to `out` (atomically); return its number of parameters."""
-    state = ckpt_io.load_state(ckpt)
-    model = MiniGPT(GPTConfig(**state["model_config"]))
-    ckpt_io.load_weights(model, ckpt)
+    model = ckpt_io.load_model(ckpt)
     tmp = out.with_name(f".{out.name}.tmp")
     save_model(model, str(tmp))
     os.replace(tmp, out)

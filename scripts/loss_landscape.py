@@ -27,7 +27,6 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from models.minigpt import GPTConfig, MiniGPT
 from trainer import checkpoint as ckpt_io
 from trainer.build import prepare_data
 from trainer.config import DataConfig, DeviceKind, TokenizerConfig
@@ -35,13 +34,6 @@ from trainer.data.corpus import check_split_sizes
 from trainer.data.sampling import validation_windows
 from trainer.errors import ConfigError, exit_with_error
 from trainer.runtime import pick_device
-
-
-def load_model(ckpt: Path) -> MiniGPT:
-    """The checkpoint's model (whole or sharded weights), on the CPU, in eval mode."""
-    model = MiniGPT(GPTConfig(**ckpt_io.load_state(ckpt)["model_config"]))
-    ckpt_io.load_weights(model, ckpt)
-    return model.eval()
 
 
 def val_batches(ckpt: Path, n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -137,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("--points must be >= 3, --batches >= 1 and --span > 0")
         ckpt = ckpt_io.resolve_resume(args.checkpoint, Path(args.checkpoint), what="checkpoint")
         device = pick_device(DeviceKind(args.device))
-        model = load_model(ckpt).to(device)
+        model = ckpt_io.load_model(ckpt).to(device)
         batches = val_batches(ckpt, args.batches, device)
         generator = torch.Generator().manual_seed(args.seed)
         directions = [random_direction(model, generator) for _ in range(args.dims)]

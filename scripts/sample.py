@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from models.minigpt import GPTConfig, MiniGPT
 from trainer import checkpoint as ckpt_io
 from trainer.config import DeviceKind
 from trainer.data.tokenizers import load_tokenizer
@@ -35,9 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         ckpt = ckpt_io.resolve_resume(args.checkpoint, Path(args.checkpoint), what="checkpoint")
         device = pick_device(DeviceKind(args.device))
-        state = ckpt_io.load_state(ckpt)
-        model = MiniGPT(GPTConfig(**state["model_config"]))
-        ckpt_io.load_weights(model, ckpt)
+        model = ckpt_io.load_model(ckpt)
         tokenizer = load_tokenizer(ckpt / "tokenizer")
         text = generate_text(model.to(device), tokenizer, args.prompt, args.max_new_tokens,
                              args.temperature, args.top_k, args.seed)  # fmt: skip

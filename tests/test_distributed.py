@@ -157,8 +157,9 @@ def test_sigterm_to_the_launcher_leaves_a_loadable_checkpoint(tmp_path, corpus_f
 FSDP_FP32 = ["distributed=fsdp", "distributed.param_dtype=fp32"]  # fp32 for an exact comparison
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_fsdp_matches_ddp(tmp_path, corpus_file, accum):
+def test_fsdp_matches_ddp(tmp_path, corpus_file):
+    # with accumulation: its last micro-step is what an unaccumulated step does, the first skips the reduction
+    accum = 2
     batch = {"trainer.micro_batch_size": 4 // accum, "trainer.grad_accum_steps": accum}
     launch([*settings(tmp_path, corpus_file, **batch), "distributed=ddp"], tmp_path / "ddp", 2)
     launch([*settings(tmp_path, corpus_file, **batch), *FSDP_FP32], tmp_path / "fsdp", 2)

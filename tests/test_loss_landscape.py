@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def test_directions_are_filter_normalised(run_dir):
-    model = landscape.load_model(ckpt_io.resolve_resume(str(run_dir), run_dir))
+    model = ckpt_io.load_model(ckpt_io.resolve_resume(str(run_dir), run_dir))
     direction = landscape.random_direction(model, torch.Generator().manual_seed(3))
     params = list(model.parameters())
     assert len(direction) == len(params) and any(p.dim() == 1 for p in params)
@@ -51,12 +51,12 @@ def test_loss_at_the_centre_is_the_checkpoints_loss(run_dir):
     ckpt = ckpt_io.resolve_resume(str(run_dir), run_dir)
     batches = landscape.val_batches(ckpt, 2, torch.device("cpu"))
     assert batches[0][0].shape == (8, 32)  # the run's micro batch and block size
-    model = landscape.load_model(ckpt)
+    model = ckpt_io.load_model(ckpt)
     dirs = [landscape.random_direction(model, torch.Generator().manual_seed(s)) for s in (0, 1)]
     alphas = np.linspace(-1, 1, 5)
     line = landscape.loss_grid(model, batches, dirs[:1], alphas, progress=False)
     grid = landscape.loss_grid(model, batches, dirs, alphas, progress=False)
-    fresh = landscape.load_model(ckpt)  # never perturbed
+    fresh = ckpt_io.load_model(ckpt)  # never perturbed
     with torch.no_grad():
         direct = torch.stack([fresh(x, y)[1] for x, y in batches]).mean().item()
     assert line.shape == (5,) and grid.shape == (5, 5)

@@ -26,11 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model
 
+from models.minigpt import GPTConfig, MiniGPT
 from trainer.distributed import Dist, barrier, broadcast
 from trainer.errors import ConfigError
 
+STATE_FORMAT = 1  # state.pt's "format"; load_state refuses any other
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 SHARDED = "sharded"  # the torch.distributed.checkpoint directory inside a checkpoint
 
@@ -159,13 +162,29 @@ def resolve_resume(resume: str | None, run_dir: Path, what: str = "trainer.resum
 
 
 def load_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    """state.pt (tensors and plain containers only: weights_only), refused in one line if its format is
+    not the one this code writes."""
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    if state.get("format") != STATE_FORMAT:
+        raise ConfigError(
+            f"checkpoint {ckpt} has state format {state.get('format')}; this trainer reads format {STATE_FORMAT}: "
+            "resume it with the version that wrote it, or start a new run"
+        )
+    return state
+
+
+def load_model(ckpt: Path) -> MiniGPT:
+    """The checkpoint's model (whole or sharded weights), on the CPU, in eval mode: what export,
+    sample and the loss landscape read."""
+    model = MiniGPT(GPTConfig(**load_state(ckpt)["model_config"]))
+    load_weights(model, ckpt)
+    return model.eval()
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """The weights of either kind of checkpoint into a plain (unwrapped) model."""
     if has_whole_weights(ckpt):
-        load_model(model, str(ckpt / "model.safetensors"))
+        load_safetensors(model, str(ckpt / "model.safetensors"))
     else:
         load_sharded(ckpt, model)
 

@@ -116,7 +116,7 @@ def save(run: Run, step: int, loss_window: tuple[float, int], train_seconds: flo
                 ckpt_io.save_sharded(directory, run.model, run.optimizer)
             if d.is_main:
                 state = {
-                    "format": 1, "step": step, "optimizer_format": optimizer_format(d),
+                    "format": ckpt_io.STATE_FORMAT, "step": step, "optimizer_format": optimizer_format(d),
                     "optimizer": None if sharded else run.optimizer.state_dict(),
                     "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
                     "sampler": run.train_windows.state_dict(), "rng": rng_state(run.device),
