@@ -27,26 +27,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     run = scratch_run(args.overrides)
 
-    from trainer.loop import train_step
-    from trainer.runtime import autocast, device_sync
+    from trainer.loop import optimizer_step, step_context
+    from trainer.runtime import device_sync
 
     t = run.cfg.trainer
-    ctx = autocast(t.precision, run.device)
-    params = list(run.model.parameters())
-
-    def step():
-        batches = (run.train_windows.next_batch() for _ in range(t.grad_accum_steps))
-        loss, _ = train_step(run.step_model, batches, t.grad_accum_steps, run.optimizer, run.scaler, ctx, params,
-                             t.grad_clip, t.grad_clip_value)  # fmt: skip
-        run.scheduler.step()
-        return loss
-
-    for _ in range(args.warmup):
-        step()
+    sc = step_context(run, guarded=False)  # the loop's step, without the anomaly guard's per-step read
+    for i in range(args.warmup):
+        optimizer_step(run, sc, i + 1)
     device_sync(run.device)
     start = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
+    for i in range(args.steps):
+        loss, _ = optimizer_step(run, sc, args.warmup + i + 1)
     loss.item()
     device_sync(run.device)
     elapsed = time.perf_counter() - start

@@ -29,13 +29,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     run = scratch_run(args.overrides)
 
-    from trainer.loop import stats_probe, train_step
-    from trainer.runtime import autocast, device_sync
+    from trainer.loop import optimizer_step, stats_probe, step_context
+    from trainer.runtime import device_sync
 
     cfg, t = run.cfg, run.cfg.trainer
     interval = t.stats_interval or 100
-    ctx = autocast(t.precision, run.device)
-    params = [p for p in run.model.parameters() if p.requires_grad]
+    plain, guarded = step_context(run, guarded=False), step_context(run)
     probe = stats_probe(run)
     step_number = 0
 
@@ -45,12 +44,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         for _ in range(steps):
             step_number += 1
-            batches = (run.train_windows.next_batch() for _ in range(t.grad_accum_steps))
             watch = probe if watched and probe.wants(step_number, interval) else None
-            allow = (lambda loss, norm, s=step_number: run.anomaly.allow(s, loss, norm)) if watched else None
-            loss, _ = train_step(run.step_model, batches, t.grad_accum_steps, run.optimizer, run.scaler, ctx, params,
-                                 t.grad_clip, t.grad_clip_value, allow, watch)  # fmt: skip
-            run.scheduler.step()
+            loss, _ = optimizer_step(run, guarded if watched else plain, step_number, watch)
         if watched and probe.ready:
             probe.result()
         loss.item()  # the loop's log-step read

@@ -98,13 +98,11 @@ def main(argv: list[str] | None = None) -> None:
 
     run = scratch_run(args.overrides)
 
-    from trainer.loop import train_step
-    from trainer.runtime import autocast
+    from trainer.loop import optimizer_step, step_context
 
     cfg = run.cfg
-    t, ref = cfg.trainer, cfg.optimizer.lr
-    ctx = autocast(t.precision, run.device)
-    params = [p for p in run.model.parameters() if p.requires_grad]
+    ref = cfg.optimizer.lr
+    sc = step_context(run, guarded=False)  # a diverging loss ends the sweep here, not the guard
     base = [g.get("initial_lr", g["lr"]) for g in run.optimizer.param_groups]  # the configured lrs
     lrs = args.start * (args.end / args.start) ** (np.arange(args.steps) / (args.steps - 1))
     raw, smoothed, avg, best, stopped = [], [], 0.0, math.inf, None
@@ -112,11 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, lr in enumerate(lrs):
         for group, b in zip(run.optimizer.param_groups, base, strict=True):
             group["lr"] = b * lr / ref
-        batches = (run.train_windows.next_batch() for _ in range(t.grad_accum_steps))
-        loss, _ = train_step(run.step_model, batches, t.grad_accum_steps, run.optimizer, run.scaler, ctx, params,
-                             t.grad_clip, t.grad_clip_value)  # fmt: skip
-        if run.optimizer_hook is not None:
-            run.optimizer_hook(i + 1)
+        loss, _ = optimizer_step(run, sc, i + 1)  # its schedule step is overridden by the next lr
         raw.append(loss.item())
         if not math.isfinite(raw[-1]):
             stopped = "non-finite loss"

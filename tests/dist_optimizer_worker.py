@@ -48,7 +48,7 @@ from optim.builder import (
 )
 from trainer.build import model_config
 from trainer.distributed import Dist, mean_over_ranks, setup, wrap
-from trainer.loop import train_step
+from trainer.loop import StepContext, train_step
 from trainer.runtime import grad_scaler, seed_everything
 
 STEPS = 4
@@ -139,10 +139,10 @@ class Copy:
     def step(self, i: int) -> torch.Tensor:
         """Optimizer step i (0-based) with the loop's train_step, then the optimizer's hook; the global loss."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        loss, _ = train_step(
-            self.step_model, self.layout.micro_batches(self.batches[i]), self.n_micro, self.optimizer, self.scaler,
-            contextlib.nullcontext(), params, self.cfg.trainer.grad_clip, self.cfg.trainer.grad_clip_value,
-        )  # fmt: skip
+        t = self.cfg.trainer
+        sc = StepContext(self.step_model, self.optimizer, self.scaler, params, contextlib.nullcontext(), self.n_micro,
+                         t.grad_clip, t.grad_clip_value)  # fmt: skip
+        loss, _ = train_step(sc, self.layout.micro_batches(self.batches[i]), i + 1)
         self.coming = i + 1
         if self.hook is not None:
             align_sampling_rng(i, self.layout.d)

@@ -20,7 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    sys.path.insert(0, str(REPO))
     import trainer.loop as loop
 
     fail_rank, fail_at = int(os.environ["FAIL_RANK"]), int(os.environ["FAIL_AT_STEP"])
@@ -32,7 +31,7 @@ def main() -> None:
     done = {"step": 0}
 
     def fit(run, metrics):  # trainer/entry/run.py imports fit from trainer.loop when it runs, so it gets this one
-        done["step"] = run.start_step
+        done["step"] = run.progress.step
         return original_fit(run, metrics)
 
     def train_step(*args, **kwargs):  # fit looks train_step up in trainer.loop's globals at each step

@@ -19,7 +19,7 @@ from models.minigpt import GPTConfig, MiniGPT
 from trainer import checkpoint as ckpt_io
 from trainer.config import AnomalyConfig
 from trainer.entry.run import run
-from trainer.loop import train_step
+from trainer.loop import StepContext, train_step
 from trainer.telemetry.anomaly import AnomalyGuard
 
 
@@ -122,8 +122,9 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_untouched():
         batches = [(x, x)]
         model.forward, forward = (lambda i, t=None: (None, MiniGPT.forward(model, i, t)[1] * scale)), model.forward
         try:
-            train_step(model, batches, 1, optimizer, scaler, torch.autocast("cpu", enabled=False), params,
-                       1.0, 0.0, lambda loss, norm: guard.allow(1, loss, norm))  # fmt: skip
+            sc = StepContext(model, optimizer, scaler, params, torch.autocast("cpu", enabled=False), 1, 1.0, 0.0,
+                             guard.allow)  # fmt: skip
+            train_step(sc, batches, step=1)
         finally:
             model.forward = forward
 

@@ -20,7 +20,7 @@ from trainer.config import to_typed
 from trainer.distributed import Dist
 from trainer.entry.run import run
 from trainer.errors import ConfigError
-from trainer.loop import train_step
+from trainer.loop import StepContext, train_step
 
 
 def train(tmp_path: Path, corpus: Path, run_dir: Path, extra: dict | None = None) -> list[dict]:
@@ -75,8 +75,9 @@ def run_step(model, batches, grad_clip=0.0, grad_clip_value=0.0):
     params = list(model.parameters())
     opt = GradRecorder(params)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss, norm = train_step(model, iter(batches), len(batches), opt, scaler, torch.autocast("cpu", enabled=False),
-                            params, grad_clip, grad_clip_value)  # fmt: skip
+    sc = StepContext(model, opt, scaler, params, torch.autocast("cpu", enabled=False), len(batches), grad_clip,
+                     grad_clip_value)  # fmt: skip
+    loss, norm = train_step(sc, iter(batches))
     return loss, norm, opt.seen
 
 

@@ -21,7 +21,7 @@ from trainer.data.shards import TokenShards
 from trainer.data.tokenizers import build_tokenizer
 from trainer.distributed import Dist, barrier, checkpoint_blocks, local_device, max_over_ranks, wrap
 from trainer.errors import ConfigError
-from trainer.runtime import autocast, check_precision, grad_scaler, pick_device, seed_everything, set_rng_state
+from trainer.runtime import autocast, check_precision, grad_scaler, pick_device, seed_everything
 from trainer.telemetry.anomaly import AnomalyGuard
 
 log = logging.getLogger(__name__)
@@ -43,34 +43,13 @@ class Run:
     val_tokens: TokenShards
     tokenizer: object
     seq_len: int
-    start_step: int  # optimizer steps already done (0, or the resumed checkpoint's step)
-    resumed_from: Path | None
-    loss_window: tuple[float, int]  # (sum, count) of train losses since the last log step
-    train_seconds: float  # wall time spent in training steps so far (eval and checkpoints excluded)
     anomaly: AnomalyGuard  # non-finite steps, gradient explosions, loss spikes (trainer/telemetry/anomaly.py)
+    progress: ckpt_io.Progress  # step, loss window, train seconds: from the checkpoint when resuming
+    stateful: dict[str, ckpt_io.Stateful]  # what a checkpoint holds beside the model and the optimizer
 
 
 def model_config(cfg: ModelConfig, tokenizer_vocab: int) -> GPTConfig:
     return cfg.architecture(tokenizer_vocab)
-
-
-def optimizer_format(d: Dist) -> str:
-    """How a checkpoint stores model and optimizer state: sharded by torch.distributed.checkpoint
-    (FSDP), or whole (model.safetensors and torch's own `optimizer.state_dict()`)."""
-    return "dcp" if d.strategy == "fsdp" else "torch"
-
-
-def check_resumable(state: dict, d: Dist, ckpt: Path) -> None:
-    """A sharded checkpoint resumes under any strategy; a whole one holds optimizer state keyed by
-    position, which FSDP's sharded optimizer cannot take."""
-    saved = state.get("optimizer_format")
-    if saved not in ("dcp", "torch"):
-        raise ConfigError(f"checkpoint {ckpt} has an older layout ({saved}): start a new run")
-    if saved == "torch" and d.strategy == "fsdp":
-        raise ConfigError(
-            f"checkpoint {ckpt} was saved without FSDP (whole model and optimizer state): resume it with "
-            f"distributed=ddp or distributed=none"
-        )
 
 
 def prepare_data(cfg: TrainConfig, progress: bool):
@@ -114,7 +93,7 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
     if ckpt is not None:
         state = ckpt_io.load_state(ckpt)
         ckpt_io.check_compatible(state, asdict(gpt_config), tokenizer.identity, ckpt)
-        check_resumable(state, d, ckpt)
+        ckpt_io.check_resumable(state, d, ckpt)
     sharded = state is not None and state["optimizer_format"] == "dcp"
 
     model = MiniGPT(gpt_config).to(device)
@@ -144,28 +123,17 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
     hook = build_hook(wrapped, optimizer, cfg.optimizer, hook_ctx)
     reduce_max = (lambda flags: max_over_ranks(flags, d)) if d.enabled else None
     guard = AnomalyGuard(t.anomaly, device, fp16=t.precision.value == "fp16", reduce_max=reduce_max)
-    start_step, loss_window, train_seconds = 0, (0.0, 0), 0.0
+    progress = ckpt_io.Progress()
+    stateful = {"scheduler": scheduler, "scaler": scaler, "sampler": windows, "rng": ckpt_io.RNG(device),
+                "anomaly": guard, ckpt_io.PROGRESS: progress}  # fmt: skip
     if state is not None:
-        if sharded:  # weights and optimizer, resliced to this run's ranks (or whole, without FSDP)
-            ckpt_io.load_sharded(ckpt, model, optimizer)
-        else:
-            optimizer.load_state_dict(state["optimizer"])
+        ckpt_io.restore(ckpt, state, model, optimizer, stateful)
         after_load(optimizer, cfg.optimizer)  # schedule-free: checkpoints hold the eval-mode average
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        try:
-            windows.load_state_dict(state["sampler"])
-        except ValueError as e:
-            raise ConfigError(f"checkpoint {ckpt}: {e}") from None
-        set_rng_state(state["rng"], device)
-        start_step, loss_window = state["step"], tuple(state["loss_window"])
-        train_seconds = state.get("train_seconds", 0.0)
-        if "anomaly" in state:
-            guard.load_state_dict(state["anomaly"])
+        progress.resumed_from = ckpt
         del state  # drop the loaded optimizer tensors: they are copied into the optimizer now
-        log.info("resumed from %s at step %d", ckpt, start_step)
-        if start_step >= t.max_steps:
-            log.info("checkpoint step %d >= trainer.max_steps=%d: nothing to train", start_step, t.max_steps)
+        log.info("resumed from %s at step %d", ckpt, progress.step)
+        if progress.step >= t.max_steps:
+            log.info("checkpoint step %d >= trainer.max_steps=%d: nothing to train", progress.step, t.max_steps)
 
     step_model = torch.compile(wrapped) if t.compile else wrapped
     log.info(
@@ -179,7 +147,5 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
     return Run(
         cfg=cfg, run_dir=run_dir, device=device, model=model, step_model=step_model, optimizer=optimizer,
         scheduler=scheduler, optimizer_hook=hook, scaler=scaler, train_windows=windows, val_tokens=splits.val,
-        tokenizer=tokenizer, seq_len=seq_len, start_step=start_step, resumed_from=ckpt, loss_window=loss_window,
-        train_seconds=train_seconds,
-        dist=d, anomaly=guard,
+        tokenizer=tokenizer, seq_len=seq_len, dist=d, anomaly=guard, progress=progress, stateful=stateful,
     )  # fmt: skip

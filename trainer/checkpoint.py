@@ -4,9 +4,11 @@ Layout of `<run_dir>/checkpoints/step_00000500/`:
   model.safetensors   the weights (tied tensors stored once)              single process and DDP
   sharded/            model and optimizer shards, one file per rank       FSDP
                       (torch.distributed.checkpoint: reloads at any world size)
-  state.pt            scheduler, grad scaler, step, sampler and RNG states, and the optimizer state
-                      when not sharded (tensors and plain Python values only, so
-                      `torch.load(weights_only=True)` reads it)
+  state.pt            the state of each stateful component (scheduler, grad scaler, sampler, anomaly
+                      guard, RNG), the progress record (step, loss window, train seconds), the
+                      optimizer state when not sharded, and what resuming checks (format, model
+                      shape, tokenizer): tensors and plain Python values only, so
+                      `torch.load(weights_only=True)` reads it
   config.yaml         the resolved run config
   tokenizer/          the tokenizer the run was trained with
 
@@ -14,6 +16,9 @@ Each checkpoint is written into a temporary sibling directory (every rank writes
 that rank 0 renames into place only when all of it is on disk, so a kill in the middle of a write
 leaves the previous checkpoint as the latest one. Under several nodes the run directory must be on a
 shared filesystem.
+
+This module owns checkpoint state: `save` writes the model, the optimizer and a mapping of Stateful
+components, `restore` loads them back, and `load_state` reads the format number and refuses others.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_model as load_safetensors
@@ -32,10 +39,114 @@ from safetensors.torch import save_model
 from models.minigpt import GPTConfig, MiniGPT
 from trainer.distributed import Dist, barrier, broadcast
 from trainer.errors import ConfigError
+from trainer.runtime import rng_state, set_rng_state
 
 STATE_FORMAT = 1  # state.pt's "format"; load_state refuses any other
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 SHARDED = "sharded"  # the torch.distributed.checkpoint directory inside a checkpoint
+PROGRESS = "progress"  # the component whose keys sit at the top level of state.pt (format 1's layout)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Progress:
+    """Where the loop stands: optimizer steps done, the train losses since the last log step (sum, count)
+    and the wall time spent in training steps (evaluation and checkpoints excluded)."""
+
+    step: int = 0
+    loss_window: tuple[float, int] = (0.0, 0)
+    train_seconds: float = 0.0
+    resumed_from: Path | None = None  # the checkpoint it was loaded from (not saved)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "loss_window": list(self.loss_window), "train_seconds": self.train_seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.loss_window = state["step"], tuple(state["loss_window"])
+        self.train_seconds = state["train_seconds"]
+
+
+class RNG:
+    """The torch (and CUDA) generators: dropout and anything else drawn outside the sampler."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict:
+        return rng_state(self.device)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state, self.device)
+
+
+def optimizer_format(d: Dist) -> str:
+    """How a checkpoint stores model and optimizer state: sharded by torch.distributed.checkpoint
+    (FSDP), or whole (model.safetensors and torch's own `optimizer.state_dict()`)."""
+    return "dcp" if d.strategy == "fsdp" else "torch"
+
+
+def save(
+    ckpt_root: Path, step: int, model: MiniGPT, optimizer: torch.optim.Optimizer,
+    components: Mapping[str, Stateful], tokenizer, config_yaml: str, d: Dist, keep: int,
+) -> Path:  # fmt: skip
+    """Checkpoint `step` (every rank calls this): under FSDP each rank writes its shards of the model and the
+    optimizer, otherwise rank 0 writes the whole model, which every rank holds, with the optimizer in state.pt."""
+    sharded = d.strategy == "fsdp"
+
+    def write(directory: Path) -> None:
+        if sharded:
+            save_sharded(directory, model, optimizer)
+        if d.is_main:
+            state = {
+                "format": STATE_FORMAT, "optimizer_format": optimizer_format(d),
+                "optimizer": None if sharded else optimizer.state_dict(),
+                "model_config": vars(model.config).copy(), "tokenizer": tokenizer.identity,
+            }  # fmt: skip
+            for name, component in components.items():
+                if name == PROGRESS:
+                    state.update(component.state_dict())
+                else:
+                    state[name] = component.state_dict()
+            write_files(directory, None if sharded else model, state, config_yaml, tokenizer)
+
+    return save_checkpoint(ckpt_root, step, write, d, keep)
+
+
+def restore(
+    ckpt: Path, state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    components: Mapping[str, Stateful],
+) -> None:  # fmt: skip
+    """Load a checkpoint into a built run: the optimizer (and, when sharded, the weights, resliced to this
+    run's ranks), then each component. Whole weights are loaded before wrapping (`load_weights`)."""
+    if state["optimizer_format"] == "dcp":
+        load_sharded(ckpt, model, optimizer)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    for name, component in components.items():
+        try:
+            component.load_state_dict(state if name == PROGRESS else state[name])
+        except KeyError as e:
+            raise ConfigError(f"checkpoint {ckpt} has no {e.args[0]!r} state: it is damaged; resume another") from None
+        except ValueError as e:
+            raise ConfigError(f"checkpoint {ckpt}: {e}") from None
+
+
+def check_resumable(state: dict, d: Dist, ckpt: Path) -> None:
+    """A sharded checkpoint resumes under any strategy; a whole one holds optimizer state keyed by
+    position, which FSDP's sharded optimizer cannot take."""
+    saved = state.get("optimizer_format")
+    if saved not in ("dcp", "torch"):
+        raise ConfigError(f"checkpoint {ckpt} has an older layout ({saved}): start a new run")
+    if saved == "torch" and d.strategy == "fsdp":
+        raise ConfigError(
+            f"checkpoint {ckpt} was saved without FSDP (whole model and optimizer state): resume it with "
+            f"distributed=ddp or distributed=none"
+        )
 
 
 def _fsync_dir(path: Path) -> None:

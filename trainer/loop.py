@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,15 +20,16 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from optim.builder import eval_mode, family_stats, state_bytes_measured
+from optim.builder import eval_mode, family_stats
 from trainer import checkpoint as ckpt_io
-from trainer.build import Run, optimizer_format
+from trainer.build import Run
 from trainer.data.sampling import validation_windows
 from trainer.distributed import any_rank, grad_sync, mean_over_ranks
-from trainer.runtime import StopSignal, autocast, rng_state
+from trainer.runtime import StopSignal, autocast
 from trainer.telemetry.metrics import MetricsLogger
-from trainer.telemetry.perf import TrainClock, peak_tflops, perf_record
+from trainer.telemetry.perf import TrainClock
 from trainer.telemetry.probe import StatsProbe
+from trainer.telemetry.train_log import TrainLog
 
 log = logging.getLogger(__name__)
 
@@ -40,51 +42,81 @@ class FitResult:
     anomaly: str | None = None  # why trainer.anomaly stopped the run
 
 
-def train_step(
-    model: torch.nn.Module,
-    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    n_micro: int,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    ctx,
-    params: Sequence[torch.nn.Parameter],
-    grad_clip: float = 0.0,
-    grad_clip_value: float = 0.0,
-    allow: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
-    probe: StatsProbe | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over n_micro micro-batches. Returns (mean loss, pre-clip global grad norm).
+@dataclass
+class StepContext:
+    """What every optimizer step needs, built once (`step_context`) by the loop, scripts/bench.py,
+    bench_stats.py and lr_find.py, so that they all time and train the same step."""
 
-    Each micro-batch loss is divided by n_micro, so the summed gradients equal the gradient of the
-    mean loss over the whole batch, as if it had been one batch. `allow(loss, norm)` may veto the
-    optimizer step (trainer/telemetry/anomaly.py); `probe` watches it (trainer/telemetry/probe.py).
+    model: torch.nn.Module  # what is called: wrapped for DDP or FSDP, compiled when trainer.compile
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    params: Sequence[torch.nn.Parameter]  # the trainable ones, whose gradient norm is logged and clipped
+    autocast: AbstractContextManager
+    grad_accum_steps: int  # micro-batches per optimizer step
+    grad_clip: float = 0.0  # by global norm
+    grad_clip_value: float = 0.0  # by value
+    allow: Callable[[int, torch.Tensor, torch.Tensor], bool] | None = None  # (step, loss, norm): may veto
+
+
+def step_context(run: Run, guarded: bool = True) -> StepContext:
+    """The run's step; `guarded` puts the anomaly guard's veto in it (trainer/telemetry/anomaly.py)."""
+    t = run.cfg.trainer
+    return StepContext(
+        run.step_model, run.optimizer, run.scaler, [p for p in run.model.parameters() if p.requires_grad],
+        autocast(t.precision, run.device), t.grad_accum_steps, t.grad_clip, t.grad_clip_value,
+        run.anomaly.allow if guarded else None,
+    )  # fmt: skip
+
+
+def train_step(
+    sc: StepContext, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], step: int = 0,
+    probe: StatsProbe | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Optimizer step `step` (from 1) over sc.grad_accum_steps micro-batches. Returns (mean loss, pre-clip
+    global grad norm).
+
+    Each micro-batch loss is divided by the number of micro-batches, so the summed gradients equal the
+    gradient of the mean loss over the whole batch, as if it had been one batch. `sc.allow` may veto the
+    optimizer step; `probe` watches it (trainer/telemetry/probe.py).
     """
+    n_micro, params = sc.grad_accum_steps, sc.params
     total = torch.zeros((), device=params[0].device)
     for i, (x, y) in enumerate(micro_batches):
-        with grad_sync(model, last_micro_batch=i == n_micro - 1):  # DDP: all-reduce once per step
-            with ctx:
-                _, loss = model(x, y)
-            scaler.scale(loss / n_micro).backward()
+        with grad_sync(sc.model, last_micro_batch=i == n_micro - 1):  # DDP: all-reduce once per step
+            with sc.autocast:
+                _, loss = sc.model(x, y)
+            sc.scaler.scale(loss / n_micro).backward()
         total += loss.detach()
     loss = total / n_micro
-    scaler.unscale_(optimizer)  # no-op unless fp16
+    sc.scaler.unscale_(sc.optimizer)  # no-op unless fp16
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     # FSDP: a DTensor over the shards (clipping takes it as it is); its full value is the global norm
     full_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    if allow is None or allow(loss, full_norm):
-        if grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm, foreach=True)
-        if grad_clip_value > 0:
-            torch.nn.utils.clip_grad_value_(params, grad_clip_value, foreach=True)
+    if sc.allow is None or sc.allow(step, loss, full_norm):
+        if sc.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, sc.grad_clip, norm, foreach=True)
+        if sc.grad_clip_value > 0:
+            torch.nn.utils.clip_grad_value_(params, sc.grad_clip_value, foreach=True)
         if probe is not None:
             probe.before_step()
-        scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
+        sc.scaler.step(sc.optimizer)  # skipped by the scaler when fp16 gradients overflowed
         if probe is not None:
             probe.after_step()
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    sc.scaler.update()
+    sc.optimizer.zero_grad(set_to_none=True)
     return loss, full_norm
+
+
+def optimizer_step(run: Run, sc: StepContext, step: int, probe: StatsProbe | None = None):
+    """Step `step` (from 1) of a run, as the loop takes it: the sampler's next micro-batches, `train_step`,
+    the schedule, then the optimizer's hook (Sophia's Hessian refresh). Returns (loss, norm)."""
+    batches = (run.train_windows.next_batch() for _ in range(sc.grad_accum_steps))
+    loss, norm = train_step(sc, batches, step, probe)
+    run.scheduler.step()
+    if run.optimizer_hook is not None:
+        run.optimizer_hook(step)
+    return loss, norm
 
 
 @torch.no_grad()
@@ -103,72 +135,49 @@ def evaluate(run: Run) -> float:
     return mean_over_ranks(losses.mean(), d).item()
 
 
-def save(run: Run, step: int, loss_window: tuple[float, int], train_seconds: float) -> None:
-    """A checkpoint (every rank calls this): under FSDP each rank writes its shards, otherwise rank 0
-    writes the whole model, which every rank holds."""
-    d, sharded = run.dist, run.dist.strategy == "fsdp"
+def save(run: Run, step: int) -> None:
+    """A checkpoint of `run.progress` (every rank calls this; trainer/checkpoint.py writes it)."""
     # Inside eval mode, a schedule-free optimizer saves the averaged weights x and records eval mode
     # in its state, so that `optimizer.train()` after loading restores the training iterate exactly.
     with eval_mode(run.optimizer, run.cfg.optimizer):
-
-        def write(directory):
-            if sharded:
-                ckpt_io.save_sharded(directory, run.model, run.optimizer)
-            if d.is_main:
-                state = {
-                    "format": ckpt_io.STATE_FORMAT, "step": step, "optimizer_format": optimizer_format(d),
-                    "optimizer": None if sharded else run.optimizer.state_dict(),
-                    "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
-                    "sampler": run.train_windows.state_dict(), "rng": rng_state(run.device),
-                    "loss_window": list(loss_window), "train_seconds": train_seconds,
-                    "model_config": vars(run.model.config).copy(),
-                    "anomaly": run.anomaly.state_dict(),
-                    "tokenizer": run.tokenizer.identity,
-                }  # fmt: skip
-                model = None if sharded else run.model
-                ckpt_io.write_files(directory, model, state, OmegaConf.to_yaml(run.cfg), run.tokenizer)
-
-        path = ckpt_io.save_checkpoint(run.run_dir / "checkpoints", step, write, d, run.cfg.trainer.keep_checkpoints)
+        path = ckpt_io.save(
+            run.run_dir / "checkpoints", step, run.model, run.optimizer, run.stateful, run.tokenizer,
+            OmegaConf.to_yaml(run.cfg), run.dist, run.cfg.trainer.keep_checkpoints,
+        )  # fmt: skip
     log.info("step %d: checkpoint %s", step, path)
 
 
+def validate(run: Run, step: int, record: dict) -> float:
+    """Evaluate into `record` (val loss and perplexity) and the log."""
+    val_loss = evaluate(run)
+    record.update({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
+    log.info("step %d: val loss %.4f", step, val_loss)
+    return val_loss
+
+
 def fit(run: Run, metrics: MetricsLogger) -> FitResult:
-    t = run.cfg.trainer
-    ctx = autocast(t.precision, run.device)
-    params = [p for p in run.model.parameters() if p.requires_grad]
-    d, guard = run.dist, run.anomaly
+    t, d, guard, progress = run.cfg.trainer, run.dist, run.anomaly, run.progress
+    sc = step_context(run)
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * run.seq_len * d.world_size  # global
-    flops_per_token, peak = run.model.flops_per_token(run.seq_len), peak_tflops(run.device)
+    train_log = TrainLog(run.optimizer, run.model.flops_per_token(run.seq_len), run.device, d, t.grad_clip,
+                         progress.loss_window)  # fmt: skip
     probe = stats_probe(run) if t.stats_interval else None
-    loss_sum, loss_count = run.loss_window
-    loss_sum = torch.tensor(float(loss_sum), device=run.device)
-    clipped = torch.zeros((), device=run.device)  # steps clipped since the last log step
     val_loss = None
-    if run.start_step == 0:  # the starting point of the val curve
-        val_loss = evaluate(run)
-        metrics.log(0, {"tokens": 0, "val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
-        log.info("step 0: val loss %.4f", val_loss)
-    show = t.progress and d.is_main
-    bar = tqdm(total=t.max_steps, initial=run.start_step, disable=not show, desc="train", unit="step")
-    clock = TrainClock(run.train_seconds)  # paused around evals and checkpoints
-    step, stopping = run.start_step, False
+    if progress.step == 0:  # the starting point of the val curve
+        record = {"tokens": 0}
+        val_loss = validate(run, 0, record)
+        metrics.log(0, record)
+    bar = tqdm(total=t.max_steps, initial=progress.step, disable=not (t.progress and d.is_main), desc="train",
+               unit="step")  # fmt: skip
+    clock = TrainClock(progress.train_seconds)  # paused around evals and checkpoints
+    step, stopping = progress.step, False
     with StopSignal() as stop:
         while step < t.max_steps and not stopping:
             lr = run.optimizer.param_groups[0]["lr"]
-            batches = (run.train_windows.next_batch() for _ in range(t.grad_accum_steps))
             watched = probe if probe is not None and probe.wants(step + 1, t.stats_interval) else None
-            loss, norm = train_step(
-                run.step_model, batches, t.grad_accum_steps, run.optimizer, run.scaler, ctx, params,
-                t.grad_clip, t.grad_clip_value, lambda loss, norm, s=step + 1: guard.allow(s, loss, norm), watched,
-            )  # fmt: skip
-            run.scheduler.step()
+            loss, norm = optimizer_step(run, sc, step + 1, watched)
             step, clock.steps = step + 1, clock.steps + 1
-            if run.optimizer_hook is not None:
-                run.optimizer_hook(step)
-            if guard.applied:  # known on the host only when an anomaly action syncs (else always True)
-                loss_sum, loss_count = loss_sum + loss, loss_count + 1
-            if t.grad_clip > 0:
-                clipped += norm > t.grad_clip
+            train_log.add(loss, norm, guard.applied)  # applied: known on the host only when an anomaly action syncs
             bar.update(1)
             last, log_step = step == t.max_steps, step % t.log_interval == 0 or step == t.max_steps
             # Ranks agree on stopping at log steps only (a collective), so they stop at the same step.
@@ -178,36 +187,20 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
                 else log_step and any_rank(stop.signum is not None, d, run.device)
             )
             record = {}
-            if log_step:  # host syncs: log steps only
-                train_loss = mean_over_ranks(loss_sum, d).item() / max(loss_count, 1)
-                tok_s = clock.steps * tokens_per_step / clock.lap()
-                record.update({"train/loss": train_loss, "lr": lr, "grad_norm": norm.item(), "tokens_per_s": tok_s,
-                               "time/train_s": clock.seconds(),
-                               "memory/optimizer_state_mb": state_bytes_measured(run.optimizer) / 2**20})  # fmt: skip
-                if t.grad_clip > 0:
-                    record.update({"grad/clip_coef": min(1.0, t.grad_clip / (record["grad_norm"] + 1e-6)),
-                                   "grad/clipped_steps": int(clipped.item())})  # fmt: skip
-                    clipped.zero_()
-                record.update(perf_record(tok_s / d.world_size, flops_per_token, run.device, peak))
-                record.update(guard.log_record())
-                if watched is not None and watched.ready:
-                    stats = watched.result()
-                    record.update(stats)
-                    record["update/ratio_log10/by_layer"] = watched.ratios_by_layer(stats)  # a W&B histogram
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-                loss_sum.zero_()
-                loss_count = 0
+            if log_step:
+                record = train_log.record(lr, norm, clock, tokens_per_step, guard.log_record(), watched)
+                loss_s, tok_s = f"{record['train/loss']:.4f}", f"{record['tokens_per_s']:,.0f}"
+                bar.set_postfix(loss=loss_s, lr=f"{lr:.2e}", tok_s=tok_s)
             if step % t.eval_interval == 0 or last:
                 clock.pause()
                 record.setdefault("time/train_s", clock.seconds())
-                val_loss = evaluate(run)
-                record.update({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
-                log.info("step %d: val loss %.4f", step, val_loss)
+                val_loss = validate(run, step, record)
             if record:
                 metrics.log(step, {"tokens": step * tokens_per_step, **record})
             if step % t.ckpt_interval == 0 or last or stopping:
                 clock.pause()
-                save(run, step, (loss_sum.item(), loss_count), clock.seconds())
+                progress.step, progress.loss_window, progress.train_seconds = step, train_log.window(), clock.seconds()
+                save(run, step)
             if record or step % t.ckpt_interval == 0:  # keep eval and checkpoint time out of tokens/s
                 clock.restart()
     bar.close()

@@ -126,7 +126,7 @@ def _train(typed: TrainConfig, run_dir: Path, d) -> float | None:
     if d.is_main:
         (run_dir / "config.yaml").write_text(config_yaml(typed))  # what ran, sweep names included
         # A restart that found no checkpoint trains again from step 0: drop the failed attempt's records.
-        resume_step = r.start_step if r.resumed_from else (-1 if restart else None)
+        resume_step = r.progress.step if r.progress.resumed_from else (-1 if restart else None)
         metrics = MetricsLogger(run_dir, typed.logger.wandb, config_dict(typed), resume_step)
     else:
         metrics = NullMetrics()
