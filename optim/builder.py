@@ -20,9 +20,10 @@ import contextlib
 import functools
 import importlib
 import logging
+import math
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -53,6 +54,11 @@ class OptimizerConfig:
     def validate(self) -> None:
         """ValueError("optimizer.<field>=<value> must be ...") for the first bad value; each optimizer's
         config extends this with its own fields (calling super().validate() first)."""
+        for f in fields(self):  # inf or nan passes every ordering check below, then trains to NaN
+            value = getattr(self, f.name)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+                raise ValueError(f"optimizer.{f.name}={value} must be finite")
         checks.positive(self, "lr")
         checks.non_negative(self, "weight_decay")
         checks.require(self, "reference_batch", lambda v: v >= 1, ">= 1")

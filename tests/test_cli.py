@@ -81,7 +81,27 @@ BAD_INPUT = {
     "missing data path": (["data=text", "data.path=/no/such/file.txt"], "does not exist"),
     "lookahead k < 1": (["optimizer=lamb", "optimizer.lookahead.k=0"], "optimizer.lookahead.k"),
     "field the optimizer lacks": (["optimizer=lion", "optimizer.eps=1e-8"], "eps"),
+    "an infinite lr": (["optimizer.lr=inf"], "optimizer.lr=inf must be finite"),
+    "a nan in a tuple": (["optimizer.betas=[0.9,nan]"], "must be finite"),
+    "a seed outside 32 bits": (["trainer.seed=4294967296"], "trainer.seed=4294967296 must be in [0, 2^32)"),
+    "start over and resume": (["trainer.start_over=true", "trainer.resume=auto"], "drop one of them"),
 }
+
+BUILD_ERRORS = {  # found while building the run, before the first step
+    "a model too big for memory": ({"model.vocab_size": 10**11}, "does not fit on cpu"),
+    "a prompt the char tokenizer cannot encode": (
+        {"tokenizer": "char", "trainer.sample_prompt": "'☃'"},
+        "trainer.sample_prompt='☃': character '☃' is not in",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BUILD_ERRORS))
+def test_build_time_errors_fail_with_one_line(case, tmp_path, corpus_file):
+    extra, needle = BUILD_ERRORS[case]
+    proc = cli(*tiny_overrides(tmp_path, corpus_file, extra), f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # before any training
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))

@@ -69,6 +69,27 @@ def settings(tmp_path: Path, corpus: Path, **extra) -> list[str]:
     return tiny_overrides(tmp_path, corpus, {**base, **extra})
 
 
+DEFAULT_LAUNCHES = {"one process": (1, []), "ddp": (2, []), "fsdp": (2, ["distributed=fsdp"])}
+
+
+@pytest.fixture(scope="module")
+def default_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("default-cache")  # the stdlib corpus, tokenised once for the three launches
+
+
+@pytest.mark.parametrize("mode", DEFAULT_LAUNCHES)
+def test_a_run_with_the_users_defaults_exits_0_with_its_sample(tmp_path, default_cache, mode):
+    """The shipped defaults (stdlib corpus, model=nano, bf16, W&B auto, evaluation, checkpoint and the 300-token
+    sample at the end), overriding only what the machine forces: fewer steps, and the cache in a temporary
+    directory. Under FSDP the sample used to hang rank 0 on all-gathers from ranks that had left (exit 1)."""
+    nproc, extra = DEFAULT_LAUNCHES[mode]
+    run_dir = tmp_path / "run"
+    launch([*extra, "trainer.max_steps=3", f"data.cache_dir={default_cache}"], run_dir, nproc)
+    assert (run_dir / "sample.txt").read_text().strip()
+    assert "val/loss" in records(run_dir)[3]
+    assert ckpt_io.list_checkpoints(run_dir / "checkpoints")[-1].name == "step_00000003"
+
+
 @pytest.mark.parametrize("accum", [1, 2])
 def test_ddp_two_ranks_match_one_process_with_twice_the_batch(tmp_path, corpus_file, accum):
     launch(settings(tmp_path, corpus_file, **{"trainer.micro_batch_size": 8}), tmp_path / "one", 1)
@@ -79,8 +100,9 @@ def test_ddp_two_ranks_match_one_process_with_twice_the_batch(tmp_path, corpus_f
     # Evaluation reads micro_batch_size windows per rank, so val batches match only when accum is 1.
     keys = ("train/loss", "grad_norm", "val/loss") if accum == 1 else ("train/loss", "grad_norm")
     assert_same_run(one, two, range(1, 11), keys)
+    two = weights(tmp_path / "two", 10)
     for name, w in weights(tmp_path / "one", 10).items():
-        torch.testing.assert_close(weights(tmp_path / "two", 10)[name], w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(two[name], w, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("saved_with, resumed_with", [(1, 2), (2, 1)])
@@ -171,8 +193,9 @@ def test_fsdp_matches_ddp(tmp_path, corpus_file):
     assert not (ckpt / "model.safetensors").exists()
     sample = [sys.executable, str(REPO / "scripts/sample.py"), str(tmp_path / "fsdp"), "--max-new-tokens", "5"]
     assert subprocess.run(sample, env=ENV, capture_output=True, text=True).returncode == 0  # reads the shards
+    exported = weights(tmp_path / "fsdp", 10)  # once: each call runs scripts/export.py
     for name, w in weights(tmp_path / "ddp", 10).items():
-        torch.testing.assert_close(weights(tmp_path / "fsdp", 10)[name], w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(exported[name], w, rtol=1e-5, atol=1e-6)
     assert {"config.yaml", "metrics.jsonl", "checkpoints"} <= {p.name for p in (tmp_path / "fsdp").iterdir()}
 
 

@@ -107,4 +107,5 @@ def test_mfu_uses_the_gpus_dense_bf16_peak(monkeypatch):
     monkeypatch.setattr(perf.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert perf.peak_tflops(cuda) == 756.0  # the PCIe card is not the SXM one
     assert perf.peak_tflops(torch.device("cpu")) is None
+    assert perf.peak_tflops(cuda, "fp32") is None and perf.peak_tflops(cuda, "fp16") == 756.0  # no bf16 peak for fp32
     assert "perf/mfu" not in perf.perf_record(1e3, 1e6, torch.device("cpu"), None)

@@ -180,7 +180,8 @@ def test_failed_checkpoint_write_leaves_the_previous_one(tmp_path, corpus_file, 
 def test_checkpoint_contents_load_with_weights_only(tmp_path, corpus_file):
     train(tmp_path, corpus_file, tmp_path / "run", {"trainer.max_steps": 10})
     ckpt = ckpt_io.list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
-    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "state.pt", "config.yaml", "tokenizer"}
+    files = {"model.safetensors", "state.pt", "config.yaml", "tokenizer", "manifest.json"}
+    assert {p.name for p in ckpt.iterdir()} == files
     state = ckpt_io.load_state(ckpt)  # weights_only=True inside
     assert {"optimizer", "scheduler", "scaler", "sampler", "rng", "step", "model_config", "tokenizer"} <= state.keys()
     model = MiniGPT(GPTConfig(**state["model_config"]))

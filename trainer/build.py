@@ -21,6 +21,7 @@ from trainer.data.shards import TokenShards
 from trainer.data.tokenizers import build_tokenizer
 from trainer.distributed import Dist, barrier, checkpoint_blocks, local_device, max_over_ranks, wrap
 from trainer.errors import ConfigError
+from trainer.resume import apply_changed_hyperparameters, check_same_optimizer, saved_optimizer_config
 from trainer.runtime import autocast, check_precision, grad_scaler, pick_device, seed_everything
 from trainer.telemetry.anomaly import AnomalyGuard
 
@@ -86,6 +87,12 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
     seq_len = cfg.data.seq_len or cfg.model.block_size
     check_split_sizes(splits, seq_len, t.micro_batch_size)
     gpt_config = model_config(cfg.model, tokenizer.vocab_size)
+    if t.sample_tokens > 0:  # a prompt the tokenizer cannot encode would fail after training
+        try:
+            tokenizer.encode_batch([t.sample_prompt])
+        except ValueError as e:
+            fix = "change it, or set trainer.sample_tokens=0"
+            raise ConfigError(f"trainer.sample_prompt={t.sample_prompt!r}: {e}: {fix}") from None
 
     ckpt_io.remove_stale_temporaries(run_dir / "checkpoints")
     ckpt = ckpt_io.resolve_resume(t.resume, run_dir)
@@ -94,9 +101,18 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
         state = ckpt_io.load_state(ckpt)
         ckpt_io.check_compatible(state, asdict(gpt_config), tokenizer.identity, ckpt)
         ckpt_io.check_resumable(state, d, ckpt)
+        saved_optimizer = saved_optimizer_config(ckpt)
+        check_same_optimizer(saved_optimizer, cfg.optimizer, ckpt)
     sharded = state is not None and state["optimizer_format"] == "dcp"
 
-    model = MiniGPT(gpt_config).to(device)
+    try:
+        model = MiniGPT(gpt_config).to(device)
+    except (RuntimeError, MemoryError) as e:  # e.g. a huge model.vocab_size: the allocator's traceback otherwise
+        n = gpt_config.vocab_size * gpt_config.n_embd + 12 * gpt_config.n_layer * gpt_config.n_embd**2
+        raise ConfigError(
+            f"the model (about {n / 1e9:.2f}B parameters, {4 * n / 2**30:.1f} GiB in fp32) does not fit on {device}: "
+            f"make model.vocab_size, n_layer or n_embd smaller ({type(e).__name__})"
+        ) from None
     if state is not None and not sharded:
         ckpt_io.load_weights(model, ckpt)  # into the plain module, before any wrapping
     if t.activation_checkpointing:
@@ -115,6 +131,9 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
         scheduler = constant_scheduler(optimizer)  # the optimizer schedules (and warms up) itself
     else:
         scheduler = build_scheduler(optimizer, cfg.schedule, t.max_steps)
+    if cfg.schedule.warmup_steps >= t.max_steps:
+        log.warning("schedule.warmup_steps=%d >= trainer.max_steps=%d: the run ends before its warmup does, so the "
+                    "lr never reaches optimizer.lr", cfg.schedule.warmup_steps, t.max_steps)  # fmt: skip
     scaler = grad_scaler(t.precision, device)
     windows = WindowSampler(
         splits.train, seq_len, t.micro_batch_size, t.seed, device, d.rank, d.world_size, cfg.data.sampling
@@ -129,6 +148,7 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
     if state is not None:
         ckpt_io.restore(ckpt, state, model, optimizer, stateful)
         after_load(optimizer, cfg.optimizer)  # schedule-free: checkpoints hold the eval-mode average
+        apply_changed_hyperparameters(optimizer, scheduler, model, saved_optimizer, cfg.optimizer, ctx)
         progress.resumed_from = ckpt
         del state  # drop the loaded optimizer tensors: they are copied into the optimizer now
         log.info("resumed from %s at step %d", ckpt, progress.step)

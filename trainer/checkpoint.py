@@ -11,6 +11,9 @@ Layout of `<run_dir>/checkpoints/step_00000500/`:
                       `torch.load(weights_only=True)` reads it
   config.yaml         the resolved run config
   tokenizer/          the tokenizer the run was trained with
+  manifest.json       written last: every file above with its size. A checkpoint is complete only if
+                      its manifest says so (one written before manifests existed counts as complete
+                      when it has state.pt and its weights)
 
 Each checkpoint is written into a temporary sibling directory (every rank writes its shards there)
 that rank 0 renames into place only when all of it is on disk, so a kill in the middle of a write
@@ -23,6 +26,8 @@ components, `restore` loads them back, and `load_state` reads the format number 
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
@@ -40,6 +45,8 @@ from models.minigpt import GPTConfig, MiniGPT
 from trainer.distributed import Dist, barrier, broadcast
 from trainer.errors import ConfigError
 from trainer.runtime import rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1  # state.pt's "format"; load_state refuses any other
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -168,18 +175,21 @@ def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], d
     `write(tmp)` fills the temporary directory (on every rank, so that each can write its shards)."""
     final = ckpt_root / f"step_{step:08d}"
     tmp = None
-    if d.is_main and not final.exists():  # an existing step was already saved (last step = interval step)
+    if d.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".tmp_step_{step:08d}_", dir=ckpt_root)
-    tmp = broadcast(tmp, d)
-    if tmp is None:
-        return final
-    tmp = Path(tmp)
+    tmp = Path(broadcast(tmp, d))
     try:
         write(tmp)
         barrier(d)  # every rank's shards are written
         if d.is_main:
+            _write_manifest(tmp, step)
             _fsync_tree(tmp)
+            if final.exists():  # incomplete, or from before a resume from an older checkpoint: keep it aside
+                aside, why = _aside(final), is_complete(final)
+                os.replace(final, aside)
+                log.warning("%s existed (%s): moved to %s", final, f"incomplete: {why}" if why else "complete",
+                            aside.name)  # fmt: skip
             os.replace(tmp, final)  # the commit point
             _fsync_dir(ckpt_root)
             for old in list_checkpoints(ckpt_root)[:-keep]:
@@ -222,13 +232,64 @@ def load_sharded(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     """Load a sharded checkpoint into a model (and optimizer) sharded any way, or not at all: the saved
     shards are resliced to this run's world size. Without a process group it reads everything."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    from trainer.dcp_reader import SafeLoadPlanner, SafeReader, read_metadata
+
+    read_metadata(ckpt / SHARDED / ".metadata")  # a crafted file is refused here, in one line, before DCP reads it
     state = _dcp_state(model, optimizer)
-    dcp.load(state, checkpoint_id=ckpt / SHARDED)
+    try:  # no pickle in the shards runs code (trainer/dcp_reader.py)
+        dcp.load(state, storage_reader=SafeReader(ckpt / SHARDED), planner=SafeLoadPlanner())
+    except ConfigError:
+        raise
+    except (Exception, CheckpointException) as e:  # DCP wraps each rank's error (a BaseException)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        cause = next((line for line in reversed(lines) if "Error" in line or "global" in line), lines[0])
+        raise ConfigError(
+            f"checkpoint {ckpt}: its shards could not be read safely ({cause[:300]}): not loaded, nothing from "
+            f"them was run; resume or export another checkpoint"
+        ) from None
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+MANIFEST = "manifest.json"
+
+
+def _write_manifest(directory: Path, step: int) -> None:
+    found = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in found}
+    (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+def _aside(final: Path) -> Path:
+    n, aside = 1, final.with_name(f"{final.name}.replaced")
+    while aside.exists():
+        n += 1
+        aside = final.with_name(f"{final.name}.replaced-{n}")
+    return aside
+
+
+def is_complete(ckpt: Path) -> str | None:
+    """None if the checkpoint is complete; otherwise what is wrong with it, for a message."""
+    manifest = ckpt / MANIFEST
+    if not manifest.exists():  # written before manifests: state and weights present
+        if not (ckpt / "state.pt").exists():
+            return "no state.pt"
+        return None if has_whole_weights(ckpt) or is_sharded(ckpt) else "no weights"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"{MANIFEST} is unreadable"
+    for name, size in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, its manifest says {size}"
+    return None
 
 
 def has_whole_weights(ckpt: Path) -> bool:
@@ -244,7 +305,16 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     if not ckpt_root.is_dir():
         return []
     found = [p for p in ckpt_root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-    return sorted(p for p in found if (p / "state.pt").exists() and (has_whole_weights(p) or is_sharded(p)))
+    return sorted(p for p in found if is_complete(p) is None)
+
+
+def newer_incomplete(ckpt_root: Path, than: Path | None) -> list[tuple[Path, str]]:
+    """Step directories newer than `than` (all, if None) that are not complete, with what is wrong."""
+    if not ckpt_root.is_dir():
+        return []
+    found = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+    bad = [(p, is_complete(p)) for p in found if than is None or p.name > than.name]
+    return [(p, why) for p, why in bad if why is not None]
 
 
 def remove_stale_temporaries(ckpt_root: Path) -> None:
@@ -261,8 +331,16 @@ def resolve_resume(resume: str | None, run_dir: Path, what: str = "trainer.resum
         return None
     if resume == "auto":
         ckpts = list_checkpoints(run_dir / "checkpoints")
-        return ckpts[-1] if ckpts else None
+        latest = ckpts[-1] if ckpts else None
+        for bad, why in newer_incomplete(run_dir / "checkpoints", latest):
+            log.warning("trainer.resume=auto: skipping %s (%s); continuing from %s", bad, why, latest or "step 0")
+        return latest
     path = Path(resume).expanduser()
+    if STEP_DIR.match(path.name) and path.is_dir():
+        why = is_complete(path)
+        if why is not None:
+            raise ConfigError(f"{what}={resume!r} is incomplete ({why}): name an earlier checkpoint, or its run")
+        return path
     if (path / "state.pt").exists():
         return path
     for root in (path / "checkpoints", path):

@@ -136,6 +136,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the (wrapped) model
     activation_checkpointing: bool = False  # recompute each block's activations in backward (saves memory)
     resume: str | None = None  # null | auto | a checkpoint or run directory
+    start_over: bool = False  # a used run directory: archive its run (into replaced-<time>/) and start again
     sample_tokens: int = 300  # text sampled at the end (0 = none)
     sample_prompt: str = "\n"
     sample_temperature: float = 0.8
@@ -284,6 +285,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"trainer.stats_interval={t.stats_interval} must be a multiple of trainer.log_interval="
             f"{t.log_interval} (statistics are read at log steps), or 0 to turn them off"
+        )
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError(f"trainer.seed={t.seed} must be in [0, 2^32) (numpy and torch seeds are 32-bit)")
+    if t.start_over and t.resume is not None:
+        raise ConfigError(
+            f"trainer.start_over=true starts the run again, trainer.resume={t.resume!r} continues one: drop one of them"
         )
     an = t.anomaly
     if an.window < 4 or an.max_consecutive_skips < 1 or an.grad_explosion_factor <= 1 or an.loss_spike_zscore <= 0:

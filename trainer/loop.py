@@ -160,7 +160,7 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
     sc = step_context(run)
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * run.seq_len * d.world_size  # global
     train_log = TrainLog(run.optimizer, run.model.flops_per_token(run.seq_len), run.device, d, t.grad_clip,
-                         progress.loss_window)  # fmt: skip
+                         t.precision.value, progress.loss_window)  # fmt: skip
     probe = stats_probe(run) if t.stats_interval else None
     val_loss = None
     if progress.step == 0:  # the starting point of the val curve

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from trainer.config import TrainConfig, register_configs, to_typed
 from trainer.data.corpus import find_corpus
+from trainer.entry.rundir import check_run_dir
 from trainer.errors import ConfigError, exit_with_error
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -88,4 +89,10 @@ def precheck(argv: list[str]) -> None:
     Multirun sweeps (`-m`) and Hydra's own flags (`--cfg`, `--help`, ...) are left to Hydra.
     """
     if not any(arg.startswith("-") for arg in argv):
-        config_or_exit(argv)
+        typed = config_or_exit(argv)
+        run_dir = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("hydra.run.dir=")), None)
+        if run_dir is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # before Hydra writes into it
+            try:  # (under torchrun the run checks it, once the ranks agree whether this is a restart)
+                check_run_dir(Path(run_dir), typed.trainer.resume, typed.trainer.start_over)
+            except ConfigError as e:
+                exit_with_error(str(e))

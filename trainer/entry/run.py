@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.config import TrainConfig, config_dict, config_yaml, to_typed
+from trainer.entry.rundir import archive_run, check_run_dir
 from trainer.errors import ConfigError, exit_with_error
 
 log = logging.getLogger("trainer")
@@ -118,6 +119,12 @@ def _train(typed: TrainConfig, run_dir: Path, d) -> float | None:
     restart = elastic_restart(d)
     if restart:
         _continue_after_restart(typed, run_dir, restart, d.is_main)
+    else:  # a restart continues its own run; any other launch must not mix into one
+        check_run_dir(run_dir, typed.trainer.resume, typed.trainer.start_over)
+        distributed.barrier(d)  # every rank has looked before rank 0 moves anything
+        if typed.trainer.start_over and d.is_main:
+            archive_run(run_dir)
+        distributed.barrier(d)
     sweep = sweep_identity()
     if sweep is not None:  # runs of one sweep share a W&B group; each is named by its overrides
         w = typed.logger.wandb
@@ -125,8 +132,8 @@ def _train(typed: TrainConfig, run_dir: Path, d) -> float | None:
     r = setup_run(typed, run_dir, d)
     if d.is_main:
         (run_dir / "config.yaml").write_text(config_yaml(typed))  # what ran, sweep names included
-        # A restart that found no checkpoint trains again from step 0: drop the failed attempt's records.
-        resume_step = r.progress.step if r.progress.resumed_from else (-1 if restart else None)
+        # A restart, or resume=auto, that found no checkpoint trains again from step 0: drop the old records.
+        resume_step = r.progress.step if r.progress.resumed_from else (-1 if restart or typed.trainer.resume else None)
         metrics = MetricsLogger(run_dir, typed.logger.wandb, config_dict(typed), resume_step)
     else:
         metrics = NullMetrics()
@@ -150,13 +157,16 @@ def _train(typed: TrainConfig, run_dir: Path, d) -> float | None:
             )
             sys.exit(128 + result.interrupted_by)  # `finally` closes the metrics
         t = typed.trainer
-        if t.sample_tokens > 0 and d.is_main:
+        # Under FSDP every rank samples: each forward all-gathers the shards, so every rank must take part.
+        # Each draws the same tokens (the same weights, prompt and seed) and runs sample_tokens forwards.
+        if t.sample_tokens > 0 and (d.is_main or d.strategy == "fsdp"):
             with eval_mode(r.optimizer, typed.optimizer):  # schedule-free: sample at the averaged weights
                 text = generate_text(
                     r.model, r.tokenizer, t.sample_prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k, t.seed
                 )
-            (run_dir / "sample.txt").write_text(text)
-            log.info("sample (sample.txt):\n%s", text)
+            if d.is_main:
+                (run_dir / "sample.txt").write_text(text)
+                log.info("sample (sample.txt):\n%s", text)
         if result.val_loss is not None:
             metrics.summary({"final/val_loss": result.val_loss})
             log.info("done: step %d, val loss %.4f; run directory %s", result.step, result.val_loss, run_dir)

@@ -50,11 +50,22 @@ class MetricsLogger:
             self.wandb = self._start_wandb(run_dir, wandb_cfg, config)
 
     def _truncate_after(self, step: int) -> None:
-        """A resumed run re-does the steps after its checkpoint: drop their old records."""
+        """A resumed run re-does the steps after its checkpoint: drop their old records. A line that is not a
+        record (half a line, left by a kill during a write) is dropped with a warning."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep, torn = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+        if torn:
+            log.warning("%s: dropped %d line(s) that are not whole records (a write cut short)", self.path, torn)
+        tmp = self.path.with_name(self.path.name + ".tmp")  # a kill during the rewrite keeps the old file
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
 
     def _start_wandb(self, run_dir: Path, cfg: WandbConfig, config: dict):
         import wandb

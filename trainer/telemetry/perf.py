@@ -28,8 +28,10 @@ PEAK_BF16_TFLOPS = {  # substring of torch.cuda.get_device_name() -> dense bf16 
 }
 
 
-def peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
+def peak_tflops(device: torch.device, precision: str = "bf16") -> float | None:
+    """The dense bf16/fp16 tensor-core peak; None on a CPU, an unknown GPU, or for an fp32 run (whose peak
+    depends on TF32 settings: no MFU is logged rather than one against the wrong peak)."""
+    if device.type != "cuda" or precision == "fp32":
         return None
     name = torch.cuda.get_device_name(device)
     return next((tf for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)

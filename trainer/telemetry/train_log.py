@@ -16,9 +16,9 @@ class TrainLog:
     metrics.jsonl's train keys and starts a new one. `window()` is the progress a checkpoint keeps."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, flops_per_token: float, device: torch.device, dist: Dist,
-                 grad_clip: float, loss_window: tuple[float, int] = (0.0, 0)):  # fmt: skip
+                 grad_clip: float, precision: str, loss_window: tuple[float, int] = (0.0, 0)):  # fmt: skip
         self.optimizer, self.flops_per_token, self.device, self.dist = optimizer, flops_per_token, device, dist
-        self.grad_clip, self.peak = grad_clip, peak_tflops(device)
+        self.grad_clip, self.peak = grad_clip, peak_tflops(device, precision)  # MFU: bf16/fp16 runs only
         self.loss_sum = torch.tensor(float(loss_window[0]), device=device)
         self.loss_count = loss_window[1]
         self.clipped = torch.zeros((), device=device)  # steps clipped since the last log step

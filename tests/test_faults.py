@@ -1,0 +1,146 @@
+"""Fault injection: what a careless user and a hostile cluster do to a run directory. Each case gives one
+clear line, or an exact continuation of the run; no data is lost or mixed (issue 14)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, compose_cfg, tiny_overrides
+
+from trainer import checkpoint as ckpt_io
+from trainer.entry.run import run
+
+EXTRA = {"trainer.max_steps": 10, "trainer.log_interval": 1, "trainer.eval_interval": 5, "trainer.ckpt_interval": 5,
+         "trainer.keep_checkpoints": 3, "trainer.sample_tokens": 0}  # fmt: skip
+
+
+def train(tmp_path: Path, corpus: Path, run_dir: Path, **extra) -> None:
+    run(compose_cfg(tiny_overrides(tmp_path, corpus, {**EXTRA, **extra})), run_dir)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def by_step(rows: list[dict], key: str = "train/loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def copy_until(full: Path, run_dir: Path, step: int) -> None:
+    """A run directory as a kill after `step` leaves it: that checkpoint and the records up to it."""
+    for ckpt in ckpt_io.list_checkpoints(full / "checkpoints"):
+        if int(ckpt.name[5:]) <= step:
+            shutil.copytree(ckpt, run_dir / "checkpoints" / ckpt.name)
+    rows = [r for r in records(full) if r["step"] <= step]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def full(tmp_path, corpus_file) -> Path:
+    """An uninterrupted 10-step run: checkpoints at 5 and 10."""
+    train(tmp_path, corpus_file, tmp_path / "full")
+    return tmp_path / "full"
+
+
+def test_a_second_launch_into_a_used_run_directory_is_refused_in_one_line(tmp_path, corpus_file, full):
+    before = (full / "metrics.jsonl").read_text()
+    overrides = tiny_overrides(tmp_path, corpus_file, {**EXTRA, "optimizer.lr": 3e-3})
+    cmd = [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={full}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {full} already holds a run: pass trainer.resume=auto to continue it, a new hydra.run.dir, or "
+        "trainer.start_over=true to archive it and start again"
+    ]
+    assert (full / "metrics.jsonl").read_text() == before  # untouched
+    with pytest.raises(SystemExit) as info:  # the run itself refuses too (under torchrun, precheck leaves it to it)
+        train(tmp_path, corpus_file, full, **{"optimizer.lr": 3e-3})
+    assert info.value.code == 2 and (full / "metrics.jsonl").read_text() == before
+
+
+def test_start_over_archives_the_old_run_and_trains_again(tmp_path, corpus_file, full, caplog):
+    before = (full / "metrics.jsonl").read_text()
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, corpus_file, full, **{"trainer.start_over": "true", "optimizer.lr": 3e-3})
+    (archive,) = full.glob("replaced-*")
+    assert (archive / "metrics.jsonl").read_text() == before and (archive / "checkpoints" / "step_00000010").is_dir()
+    assert f"is now in {archive}" in caplog.text
+    steps = [r["step"] for r in records(full)]
+    assert steps == sorted(set(steps)) and steps[-1] == 10  # each step once: nothing mixed in
+    assert "lr: 0.003" in (full / "checkpoints" / "step_00000010" / "config.yaml").read_text()
+
+
+def test_start_over_with_resume_is_refused(tmp_path, corpus_file):
+    with pytest.raises(SystemExit) as info:
+        train(tmp_path, corpus_file, tmp_path / "run", **{"trainer.start_over": "true", "trainer.resume": "auto"})
+    assert info.value.code == 2
+
+
+@pytest.mark.parametrize("damage", ["weights deleted", "state truncated"])
+def test_an_incomplete_newest_checkpoint_is_skipped_then_rewritten(tmp_path, corpus_file, full, damage, caplog):
+    run_dir = tmp_path / "run"
+    copy_until(full, run_dir, 10)
+    newest = run_dir / "checkpoints" / "step_00000010"
+    if damage == "weights deleted":
+        (newest / "model.safetensors").unlink()
+    else:
+        state = newest / "state.pt"
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    assert [p.name for p in ckpt_io.list_checkpoints(run_dir / "checkpoints")] == ["step_00000005"]
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, corpus_file, run_dir, **{"trainer.resume": "auto"})
+    assert f"skipping {newest}" in caplog.text and "continuing from" in caplog.text
+    assert ckpt_io.is_complete(newest) is None  # written again, in full
+    assert (run_dir / "checkpoints" / "step_00000010.replaced").is_dir()  # the damaged one, kept aside
+    assert by_step(records(run_dir)) == by_step(records(full))  # the exact continuation
+
+
+def test_naming_an_incomplete_checkpoint_fails_in_one_line(tmp_path, corpus_file, full):
+    ckpt = full / "checkpoints" / "step_00000010"
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(SystemExit) as info:
+        train(tmp_path, corpus_file, tmp_path / "other", **{"trainer.resume": str(ckpt)})
+    assert info.value.code == 2
+
+
+def test_a_torn_last_line_of_metrics_is_dropped_and_the_run_resumes(tmp_path, corpus_file, full, caplog):
+    """A kill during a write leaves half a line; the resumed run drops it, with a warning."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(full, run_dir)
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 11, "train/lo')
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, corpus_file, run_dir, **{"trainer.resume": "auto", "trainer.max_steps": 12})
+    assert "dropped 1 line(s) that are not whole records" in caplog.text
+    steps = [r["step"] for r in records(run_dir)]  # every line parses
+    assert steps == sorted(set(steps)) and steps[-1] == 12
+
+
+def test_a_changed_lr_on_resume_applies_from_the_first_resumed_step(tmp_path, corpus_file, full, caplog):
+    """The command line's optimizer.lr applies on resume, as the schedule's new peak: the lrs logged after
+    the resume are those of a run trained with that lr from the start."""
+    reference = tmp_path / "reference"
+    train(tmp_path, corpus_file, reference, **{"optimizer.lr": 5e-4})
+    run_dir = tmp_path / "run"
+    copy_until(full, run_dir, 5)
+    with caplog.at_level(logging.INFO):
+        train(tmp_path, corpus_file, run_dir, **{"optimizer.lr": 5e-4, "trainer.resume": "auto"})
+    assert "resume: optimizer.lr 0.001 -> 0.0005" in caplog.text
+    got, want = by_step(records(run_dir), "lr"), by_step(records(reference), "lr")
+    assert {s: got[s] for s in range(6, 11)} == pytest.approx({s: want[s] for s in range(6, 11)}, rel=1e-12)
+    assert by_step(records(full), "lr")[6] == pytest.approx(2 * got[6])  # not the checkpoint's
+
+
+def test_resuming_with_another_optimizer_is_refused_in_one_line(tmp_path, corpus_file, full):
+    run_dir = tmp_path / "run"
+    copy_until(full, run_dir, 5)
+    for extra in ({"optimizer": "lion"}, {"optimizer.lookahead.k": 5}):
+        with pytest.raises(SystemExit) as info:
+            train(tmp_path, corpus_file, run_dir, **{**extra, "trainer.resume": "auto"})
+        assert info.value.code == 2

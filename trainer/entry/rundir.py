@@ -1,0 +1,56 @@
+"""One run per run directory: a second launch into a used one is refused, unless it continues that run
+(`trainer.resume=auto`) or asks to start over (`trainer.start_over=true`, which archives the old run)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from trainer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# What a run writes into its directory (Hydra's .hydra/ and train.log are Hydra's, rewritten at each launch).
+RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "sample.txt", "wandb", "plots")
+
+
+def holds_run(run_dir: Path) -> bool:
+    return (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").is_dir()
+
+
+def continues_itself(resume: str | None, run_dir: Path) -> bool:
+    """Whether trainer.resume continues the run in run_dir (auto, or a path inside it)."""
+    if resume is None:
+        return False
+    if resume == "auto":
+        return True
+    inside = Path(resume).expanduser().resolve()
+    return inside == run_dir.resolve() or run_dir.resolve() in inside.parents
+
+
+def check_run_dir(run_dir: Path, resume: str | None, start_over: bool) -> None:
+    """Refuse, in one line, a launch that would mix a new run into the run already in run_dir."""
+    if holds_run(run_dir) and not start_over and not continues_itself(resume, run_dir):
+        raise ConfigError(
+            f"{run_dir} already holds a run: pass trainer.resume=auto to continue it, a new hydra.run.dir, "
+            f"or trainer.start_over=true to archive it and start again"
+        )
+
+
+def archive_run(run_dir: Path) -> Path | None:
+    """Move the old run's files into run_dir/replaced-<UTC time>/ (nothing is deleted); None if there was none."""
+    present = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
+    archive, n = run_dir / stamp, 1
+    while archive.exists():  # two start-overs within a second
+        n += 1
+        archive = run_dir / f"{stamp}-{n}"
+    archive.mkdir()
+    for path in present:
+        shutil.move(str(path), str(archive / path.name))
+    log.warning("trainer.start_over=true: the run that was in %s is now in %s", run_dir, archive)
+    return archive
