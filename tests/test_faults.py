@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose_cfg, tiny_overrides
+from conftest import REPO, compose_cfg, make_corpus, tiny_overrides
 
 from trainer import checkpoint as ckpt_io
+from trainer.config import DataConfig
+from trainer.data.corpus import find_corpus
 from trainer.entry.run import run
 
 EXTRA = {"trainer.max_steps": 10, "trainer.log_interval": 1, "trainer.eval_interval": 5, "trainer.ckpt_interval": 5,
@@ -144,3 +146,41 @@ def test_resuming_with_another_optimizer_is_refused_in_one_line(tmp_path, corpus
         with pytest.raises(SystemExit) as info:
             train(tmp_path, corpus_file, run_dir, **{**extra, "trainer.resume": "auto"})
         assert info.value.code == 2
+
+
+def text_dir(tmp_path: Path) -> Path:
+    """A directory as users point data.path at: their text, plus a .git/ of objects and a hidden file."""
+    root = tmp_path / "docs"
+    (root / "notes").mkdir(parents=True)
+    (root / "notes" / "a.txt").write_text(make_corpus(2_000))
+    (root / ".git" / "objects" / "ab").mkdir(parents=True)
+    (root / ".git" / "objects" / "ab" / "cdef01").write_text("blob 12 not your text")
+    (root / ".hidden.txt").write_text("editor state")
+    return root
+
+
+def test_hidden_directories_and_files_are_not_read(tmp_path):
+    root = text_dir(tmp_path)
+    corpus = find_corpus(DataConfig(kind="text", path=str(root)))
+    assert corpus.files == [(root / "notes" / "a.txt").resolve()]  # not .git/objects/..., not .hidden.txt
+
+
+def test_a_binary_file_is_refused_in_one_line(tmp_path):
+    root = text_dir(tmp_path)
+    (root / "notes" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "train.py"), "data=text", f"data.path={root}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "logo.png is not text" in lines[0], proc.stderr
+    assert not run_dir.exists()  # before any work
+
+
+def test_bytes_that_are_not_utf8_are_counted_in_a_warning(tmp_path, caplog):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9 cr\u00e8me ".encode("latin-1") + b"and valid text")
+    corpus = find_corpus(DataConfig(kind="text", path=str(path)))
+    with caplog.at_level(logging.WARNING):
+        (text,) = list(corpus.texts())
+    assert text == "caf\ufffd cr\ufffdme and valid text"  # replaced as before, now said
+    assert "2 bytes in 1 file(s) were not UTF-8" in caplog.text

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import sysconfig
 from collections.abc import Iterator
@@ -26,7 +27,20 @@ from trainer.config import DataConfig
 from trainer.data.shards import ShardWriter, TokenShards, atomic_dir, token_dtype
 from trainer.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 CACHE_FORMAT = 2  # 2: sharded token files (trainer/data/shards.py)
+BINARY_PROBE = 8192  # a NUL byte in a file's first 8 KiB: not text
+
+
+def decode(raw: bytes) -> tuple[str, int]:
+    """The text (invalid UTF-8 replaced by U+FFFD, as before) and how many bytes were replaced."""
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        escaped = raw.decode("utf-8", errors="surrogateescape")  # one lone surrogate per invalid byte
+        bad = sum(1 for ch in escaped if "\udc80" <= ch <= "\udcff")
+        return raw.decode("utf-8", errors="replace"), bad
 
 
 @dataclass
@@ -40,8 +54,17 @@ class Corpus:
         return len(self.files)
 
     def texts(self) -> Iterator[str]:
+        """Each file's text; at the end, one line saying how many bytes were not UTF-8 (replaced by U+FFFD)."""
+        replaced, files = 0, []
         for path in self.files:
-            yield path.read_bytes().decode("utf-8", errors="replace")
+            text, bad = decode(path.read_bytes())
+            if bad:
+                replaced, files = replaced + bad, [*files, path]
+            yield text
+        if replaced:
+            level = logging.WARNING if self.kind == "text" else logging.INFO  # stdlib: a few latin-1 test files
+            log.log(level, "%d bytes in %d file(s) were not UTF-8 and were replaced by U+FFFD (first: %s)",
+                    replaced, len(files), files[0])  # fmt: skip
 
     @property
     def total_bytes(self) -> int:
@@ -80,8 +103,9 @@ def _text_files(path: str | None) -> list[Path]:
     expanded = os.path.expanduser(path)
     if any(ch in expanded for ch in "*?["):
         files = [Path(p) for p in glob.glob(expanded, recursive=True)]
-    elif os.path.isdir(expanded):
-        files = [p for p in Path(expanded).rglob("*") if not any(s.startswith(".") for s in p.parts[-1:])]
+    elif os.path.isdir(expanded):  # hidden files and everything under hidden directories (.git/) are skipped
+        root = Path(expanded)
+        files = [p for p in root.rglob("*") if not any(s.startswith(".") for s in p.relative_to(root).parts)]
     elif os.path.isfile(expanded):
         files = [Path(expanded)]
     else:
@@ -89,6 +113,17 @@ def _text_files(path: str | None) -> list[Path]:
     files = [p.resolve() for p in files if p.is_file()]
     if not files:
         raise ConfigError(f"data.path={path!r} holds no files: point it at a text file, a directory or a glob")
+    for p in files:
+        try:
+            with open(p, "rb") as f:
+                head = f.read(BINARY_PROBE)
+        except OSError as e:
+            raise ConfigError(f"data.path: {p} cannot be read ({e.strerror}): fix its access or leave it out") from None
+        if b"\0" in head:
+            raise ConfigError(
+                f"data.path: {p} is not text (a NUL byte in its first {BINARY_PROBE // 1024} KiB): leave it out, "
+                f"e.g. with a glob such as 'data.path={path.rstrip('/')}/**/*.txt'"
+            )
     return files
 
 
