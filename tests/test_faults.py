@@ -184,3 +184,19 @@ def test_bytes_that_are_not_utf8_are_counted_in_a_warning(tmp_path, caplog):
         (text,) = list(corpus.texts())
     assert text == "caf\ufffd cr\ufffdme and valid text"  # replaced as before, now said
     assert "2 bytes in 1 file(s) were not UTF-8" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["state.pt", "model.safetensors"])
+def test_a_garbled_checkpoint_file_fails_in_one_line(tmp_path, corpus_file, full, name):
+    """Same size, other bytes (the manifest cannot tell): resuming it, or sampling from it, says which file."""
+    run_dir = tmp_path / "run"
+    copy_until(full, run_dir, 10)
+    path = run_dir / "checkpoints" / "step_00000010" / name
+    path.write_bytes(bytes(b ^ 0x5A for b in path.read_bytes()))
+    overrides = tiny_overrides(tmp_path, corpus_file, {**EXTRA, "trainer.max_steps": 12})
+    for cmd in ([sys.executable, str(REPO / "train.py"), *overrides, "trainer.resume=auto", f"hydra.run.dir={run_dir}"],
+                [sys.executable, str(REPO / "scripts/sample.py"), str(run_dir), "--max-new-tokens", "3"]):  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and f"{name} cannot be read" in lines[0], lines

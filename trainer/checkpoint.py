@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model
 
@@ -353,13 +355,25 @@ def resolve_resume(resume: str | None, run_dir: Path, what: str = "trainer.resum
 def load_state(ckpt: Path) -> dict:
     """state.pt (tensors and plain containers only: weights_only), refused in one line if its format is
     not the one this code writes."""
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-    if state.get("format") != STATE_FORMAT:
+    try:
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # torn or garbled
+        raise ConfigError(f"checkpoint {ckpt}: state.pt cannot be read ({_first_line(e)}): {_DAMAGED}") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        state = state if isinstance(state, dict) else {}
         raise ConfigError(
             f"checkpoint {ckpt} has state format {state.get('format')}; this trainer reads format {STATE_FORMAT}: "
             "resume it with the version that wrote it, or start a new run"
         )
     return state
+
+
+_DAMAGED = "the checkpoint is damaged; resume or export an earlier one (the run keeps the previous checkpoints)"
+
+
+def _first_line(e: BaseException) -> str:
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 def load_model(ckpt: Path) -> MiniGPT:
@@ -373,7 +387,11 @@ def load_model(ckpt: Path) -> MiniGPT:
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """The weights of either kind of checkpoint into a plain (unwrapped) model."""
     if has_whole_weights(ckpt):
-        load_safetensors(model, str(ckpt / "model.safetensors"))
+        try:
+            load_safetensors(model, str(ckpt / "model.safetensors"))
+        except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # torn, garbled, or another shape
+            why = _first_line(e)
+            raise ConfigError(f"checkpoint {ckpt}: model.safetensors cannot be read ({why}): {_DAMAGED}") from None
     else:
         load_sharded(ckpt, model)
 
