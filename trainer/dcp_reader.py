@@ -10,6 +10,7 @@ them with `weights_only=True` (tensors and plain Python values only).
 
 from __future__ import annotations
 
+import collections
 import pathlib
 import pickle
 from pathlib import Path
@@ -31,7 +32,7 @@ _ALLOWED = {
     ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
     ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,  # read on Linux as the pure form
     ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
-    ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+    ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
 }

@@ -55,16 +55,16 @@ class Corpus:
 
     def texts(self) -> Iterator[str]:
         """Each file's text; at the end, one line saying how many bytes were not UTF-8 (replaced by U+FFFD)."""
-        replaced, files = 0, []
+        replaced: dict[Path, int] = {}  # file -> bytes replaced
         for path in self.files:
             text, bad = decode(path.read_bytes())
             if bad:
-                replaced, files = replaced + bad, [*files, path]
+                replaced[path] = bad
             yield text
         if replaced:
             level = logging.WARNING if self.kind == "text" else logging.INFO  # stdlib: a few latin-1 test files
             log.log(level, "%d bytes in %d file(s) were not UTF-8 and were replaced by U+FFFD (first: %s)",
-                    replaced, len(files), files[0])  # fmt: skip
+                    sum(replaced.values()), len(replaced), next(iter(replaced)))  # fmt: skip
 
     @property
     def total_bytes(self) -> int:
