@@ -34,7 +34,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -403,7 +403,7 @@ def check_compatible(state: dict, model_config: dict, tokenizer_identity: str, c
             f"checkpoint {ckpt} was trained with another vocabulary (tokenizer {state['tokenizer']}, "
             f"config gives {tokenizer_identity}): resume with the same tokenizer and data, or start a new run"
         )
-    saved = state["model_config"]
+    saved = {**asdict(GPTConfig()), **state["model_config"]}  # a field added since it was saved: its default
     diffs = [f"model.{k}={saved.get(k)} there, {v} here" for k, v in model_config.items() if saved.get(k) != v]
     if diffs:
         raise ConfigError(

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from optim.stats import Reducer, StatsContext, local
 
-BLOCK = re.compile(r"(?:^|\.)h\.(\d+)\.(attn|mlp|ln_\d)\.")
+BLOCK = re.compile(r"(?:^|\.)h\.(\d+)\.(attn\.[qk]_norm|attn|mlp|ln_\d)\.")  # QK-norm weights are norms
 WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")  # activation ckpt, compile, DDP
 
 
@@ -35,7 +35,7 @@ def layer_of(name: str) -> tuple[str, str]:
         name = name.replace(part, "")
     m = BLOCK.search(name)
     if m:
-        kind = "norm" if m.group(2).startswith("ln_") else m.group(2)
+        kind = "norm" if m.group(2).startswith("ln_") or m.group(2).endswith("_norm") else m.group(2)
         return f"block_{int(m.group(1)):02d}.{kind}", kind
     if name.startswith(("wte.", "wpe.")):
         return "embedding", "embedding"
