@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="output file (default: model.safetensors in the checkpoint)")
     args = parser.parse_args(argv)
     try:
-        ckpt = ckpt_io.resolve_resume(args.checkpoint, Path(args.checkpoint), what="checkpoint")
+        ckpt = ckpt_io.find_checkpoint(args.checkpoint, what="checkpoint")
         out = args.out or ckpt / "model.safetensors"
         if out.exists() and out.resolve() == (ckpt / "model.safetensors").resolve():
             print(f"{out} already holds the whole model")

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--dims={args.dims}: give 1 or 2")
         if args.points < 3 or args.batches < 1 or not args.span > 0:
             raise ValueError("--points must be >= 3, --batches >= 1 and --span > 0")
-        ckpt = ckpt_io.resolve_resume(args.checkpoint, Path(args.checkpoint), what="checkpoint")
+        ckpt = ckpt_io.find_checkpoint(args.checkpoint, what="checkpoint")
         device = pick_device(DeviceKind(args.device))
         model = ckpt_io.load_model(ckpt).to(device)
         batches = val_batches(ckpt, args.batches, device)

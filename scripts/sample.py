@@ -9,7 +9,6 @@ The argument is a checkpoint directory, or a run directory (its latest checkpoin
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from trainer import checkpoint as ckpt_io
 from trainer.config import DeviceKind
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
         parser.error("--max-new-tokens, --temperature and --top-k must be >= 0")
     try:
-        ckpt = ckpt_io.resolve_resume(args.checkpoint, Path(args.checkpoint), what="checkpoint")
+        ckpt = ckpt_io.find_checkpoint(args.checkpoint, what="checkpoint")
         device = pick_device(DeviceKind(args.device))
         model = ckpt_io.load_model(ckpt)
         tokenizer = load_tokenizer(ckpt / "tokenizer")

@@ -54,7 +54,7 @@ def copy_run(sharded_run: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
 
 def sign(ckpt: Path) -> None:
     """Rewrite the manifest to match, as an attacker would: the checkpoint then counts as complete."""
-    ckpt_io._write_manifest(ckpt, int(ckpt.name[5:]))
+    ckpt_io.write_manifest(ckpt, int(ckpt.name[5:]))
     assert ckpt_io.is_complete(ckpt) is None
 
 

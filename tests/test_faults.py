@@ -186,17 +186,187 @@ def test_bytes_that_are_not_utf8_are_counted_in_a_warning(tmp_path, caplog):
     assert "2 bytes in 1 file(s) were not UTF-8" in caplog.text
 
 
+def garble(path: Path) -> None:
+    """Same size, other bytes: a bit-rotted or hand-edited file that a size check cannot tell."""
+    path.write_bytes(bytes(b ^ 0x5A for b in path.read_bytes()))
+
+
+def without_checksums(ckpt: Path) -> None:
+    """The manifest as checkpoints written before checksums have it: sizes only."""
+    manifest = json.loads((ckpt / ckpt_io.MANIFEST).read_text())
+    manifest["files"] = {name: entry["bytes"] for name, entry in manifest["files"].items()}
+    (ckpt / ckpt_io.MANIFEST).write_text(json.dumps(manifest))
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksummed", "sizes-only manifest"])
 @pytest.mark.parametrize("name", ["state.pt", "model.safetensors"])
-def test_a_garbled_checkpoint_file_fails_in_one_line(tmp_path, corpus_file, full, name):
-    """Same size, other bytes (the manifest cannot tell): resuming it, or sampling from it, says which file."""
+def test_resume_auto_falls_back_past_a_garbled_newest_checkpoint(tmp_path, corpus_file, full, name, checksums, caplog):
+    """resume=auto skips the damaged newest checkpoint with a warning naming the file, continues exactly from the
+    one before, and keeps the damaged one aside when it writes that step again."""
     run_dir = tmp_path / "run"
     copy_until(full, run_dir, 10)
-    path = run_dir / "checkpoints" / "step_00000010" / name
-    path.write_bytes(bytes(b ^ 0x5A for b in path.read_bytes()))
+    newest = run_dir / "checkpoints" / "step_00000010"
+    if not checksums:
+        without_checksums(newest)
+    garble(newest / name)
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, corpus_file, run_dir, **{"trainer.resume": "auto"})
+    assert f"skipping {newest} ({name}" in caplog.text and "continuing from step_00000005" in caplog.text
+    assert by_step(records(run_dir)) == by_step(records(full))  # the exact continuation from step 5
+    assert (run_dir / "checkpoints" / "step_00000010.replaced").is_dir() and ckpt_io.damage(newest) is None
+
+
+@pytest.mark.parametrize("name", ["state.pt", "model.safetensors"])
+def test_a_garbled_checkpoint_fails_in_one_line_naming_the_file(tmp_path, corpus_file, full, name):
+    """Sampling from it, exporting it, or resuming a run whose every checkpoint is damaged: one line that names
+    the file, not a traceback; and resume=auto does not quietly start again from step 0."""
+    run_dir = tmp_path / "run"
+    copy_until(full, run_dir, 10)
+    for ckpt in ckpt_io.list_checkpoints(run_dir / "checkpoints"):
+        garble(ckpt / name)
+    newest = run_dir / "checkpoints" / "step_00000010"
+    for script, *args in (("sample.py",), ("export.py", "--out", str(tmp_path / "out.safetensors"))):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), str(newest), *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert f"{newest}: {name} does not match its checksum" in one_error_line(proc)
     overrides = tiny_overrides(tmp_path, corpus_file, {**EXTRA, "trainer.max_steps": 12})
-    for cmd in ([sys.executable, str(REPO / "train.py"), *overrides, "trainer.resume=auto", f"hydra.run.dir={run_dir}"],
-                [sys.executable, str(REPO / "scripts/sample.py"), str(run_dir), "--max-new-tokens", "3"]):  # fmt: skip
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert len(lines) == 1 and lines[0].startswith("error: ") and f"{name} cannot be read" in lines[0], lines
+    cmd = [sys.executable, str(REPO / "train.py"), *overrides, "trainer.resume=auto", f"hydra.run.dir={run_dir}"]
+    line = one_error_line(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120))
+    assert "no checkpoint in" in line and f"step_00000005: {name} does not match its checksum" in line
+    assert [r["step"] for r in records(run_dir)][-1] == 10  # nothing dropped
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """mount(name, size) -> a small tmpfs (a disk that fills up, or is made read-only); skipped where the machine
+    does not let the tests mount one (they need root)."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str = "4m") -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True)  # fmt: skip
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}): needs root")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def read_only(point: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True, capture_output=True)
+
+
+def fill(point: Path, leave: int) -> Path:
+    """Fill the disk at `point` but for about `leave` bytes."""
+    import os
+
+    ballast = point / "ballast"
+    free = os.statvfs(point).f_bavail * os.statvfs(point).f_frsize
+    ballast.write_bytes(bytes(max(free - leave, 0)))
+    return ballast
+
+
+def test_a_disk_that_fills_during_a_checkpoint_fails_in_one_line_and_keeps_the_previous(
+    tmp_path, corpus_file, full, disk, capsys
+):
+    """The checkpoint of step 10 does not fit: one line says the disk is full, step 5 is intact, no temporary
+    directory is left; once space is freed, resume=auto continues exactly."""
+    run_dir = disk("disk", "4m") / "run"
+    train(tmp_path, corpus_file, run_dir, **{"trainer.max_steps": 5})
+    ballast = fill(run_dir.parent, leave=64 * 1024)  # the metrics of steps 6-10 fit; a checkpoint (~450 KB) does not
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        train(tmp_path, corpus_file, run_dir, **{"trainer.resume": "auto"})
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1, lines
+    assert "checkpoint of step 10 could not be written" in lines[0] and "the disk is full" in lines[0], lines
+    assert "the previous checkpoint step_00000005 is intact" in lines[0]
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000005"]  # no .tmp_step_ leftovers
+    assert ckpt_io.damage(ckpts / "step_00000005") is None
+    ballast.unlink()
+    train(tmp_path, corpus_file, run_dir, **{"trainer.resume": "auto"})
+    assert by_step(records(run_dir)) == by_step(records(full))  # exact continuation
+
+
+@pytest.mark.parametrize("leave, fails_at", [(0, "config.yaml"), (8192, "metrics.jsonl")])
+def test_a_disk_full_before_or_during_the_run_fails_in_one_line(tmp_path, corpus_file, disk, capsys, leave, fails_at):
+    """Whichever file meets the full disk first (the run's config.yaml at the start, metrics.jsonl some steps in):
+    one line that names it and says the disk is full."""
+    run_dir = disk("disk", "1m") / "run"
+    run_dir.mkdir()
+    fill(run_dir.parent, leave=leave)
+    with pytest.raises(SystemExit) as info:
+        train(tmp_path, corpus_file, run_dir, **{"trainer.ckpt_interval": 1000, "trainer.max_steps": 60})
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1, lines
+    assert str(run_dir / fails_at) in lines[0] and "No space left on device" in lines[0], lines
+
+
+def test_a_read_only_run_directory_fails_in_one_line_before_any_work(tmp_path, corpus_file, disk):
+    """A new run into it, and a resume of the run it holds: one line each, from the command line, no traceback."""
+    point = disk("disk")
+    train(tmp_path, corpus_file, point / "old", **{"trainer.max_steps": 5})
+    read_only(point)
+    overrides = tiny_overrides(tmp_path, corpus_file, EXTRA)
+    for run_dir, extra in ((point / "new", []), (point / "old", ["trainer.resume=auto"])):
+        cmd = [sys.executable, str(REPO / "train.py"), *overrides, *extra, f"hydra.run.dir={run_dir}"]
+        line = one_error_line(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120))
+        assert "cannot be written (Read-only file system)" in line and str(run_dir) in line, line
+
+
+def test_a_read_only_checkpoint_directory_fails_before_the_first_step(tmp_path, corpus_file, disk, capsys):
+    run_dir = tmp_path / "run"
+    ckpts = disk("run/checkpoints") if (run_dir.mkdir() or True) else None
+    read_only(ckpts)
+    with pytest.raises(SystemExit) as info:
+        train(tmp_path, corpus_file, run_dir)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1, lines
+    assert f"{ckpts} cannot be written (Read-only file system)" in lines[0]
+    assert not (run_dir / "metrics.jsonl").exists()  # before any step
+
+
+def test_a_checkpoint_write_into_a_read_only_directory_names_it(tmp_path, disk):
+    """The same fault at the write itself (the directory turned read-only during the run)."""
+    from models.minigpt import GPTConfig, MiniGPT
+    from trainer.distributed import Dist
+    from trainer.errors import ConfigError
+
+    root = disk("ckpts")
+    read_only(root)
+    model = MiniGPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(ConfigError, match=r"step 3 could not be written in .*Read-only file system"):
+        ckpt_io.save_checkpoint(root, 3, lambda tmp: ckpt_io.write_files(tmp, model, {}, "cfg", None), Dist(), keep=2)
+
+
+def test_an_unreadable_data_file_fails_in_one_line(tmp_path, monkeypatch):
+    """Tests run as root, who can read a chmod-000 file: the reads themselves are made to fail, where the corpus
+    is found (its binary probe) and where it is read (a file that became unreadable since)."""
+    from trainer.errors import ConfigError
+
+    path = tmp_path / "a.txt"
+    path.write_text("some text")
+
+    def denied(self_or_path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self_or_path))
+
+    corpus = find_corpus(DataConfig(kind="text", path=str(path)))
+    monkeypatch.setattr("trainer.data.corpus.open", denied, raising=False)
+    with pytest.raises(ConfigError, match=rf"{path} cannot be read \(Permission denied\)"):
+        find_corpus(DataConfig(kind="text", path=str(path)))
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ConfigError, match=rf"{path} cannot be read \(Permission denied\)"):
+        list(corpus.texts())

@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def test_directions_are_filter_normalised(run_dir):
-    model = ckpt_io.load_model(ckpt_io.resolve_resume(str(run_dir), run_dir))
+    model = ckpt_io.load_model(ckpt_io.find_checkpoint(str(run_dir)))
     direction = landscape.random_direction(model, torch.Generator().manual_seed(3))
     params = list(model.parameters())
     assert len(direction) == len(params) and any(p.dim() == 1 for p in params)
@@ -48,7 +48,7 @@ def test_directions_are_filter_normalised(run_dir):
 
 
 def test_loss_at_the_centre_is_the_checkpoints_loss(run_dir):
-    ckpt = ckpt_io.resolve_resume(str(run_dir), run_dir)
+    ckpt = ckpt_io.find_checkpoint(str(run_dir))
     batches = landscape.val_batches(ckpt, 2, torch.device("cpu"))
     assert batches[0][0].shape == (8, 32)  # the run's micro batch and block size
     model = ckpt_io.load_model(ckpt)
@@ -69,7 +69,7 @@ def test_loss_at_the_centre_is_the_checkpoints_loss(run_dir):
 @pytest.mark.parametrize("dims", [1, 2])
 def test_end_to_end_writes_png_and_json(run_dir, tmp_path, dims, capsys):
     landscape.main([str(run_dir), "--dims", str(dims), "--points", "5", "--batches", "1"])
-    ckpt = ckpt_io.resolve_resume(str(run_dir), run_dir)
+    ckpt = ckpt_io.find_checkpoint(str(run_dir))
     png = ckpt / f"landscape_{dims}d.png"
     image = matplotlib.image.imread(png)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0

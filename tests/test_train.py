@@ -173,7 +173,7 @@ def test_failed_checkpoint_write_leaves_the_previous_one(tmp_path, corpus_file, 
     monkeypatch.undo()
     assert ckpt_io.list_checkpoints(root) == before  # step 20 never appears half-written
     assert sorted(p.name for p in root.iterdir()) == ["step_00000010"]  # temporary directory removed
-    assert ckpt_io.resolve_resume("auto", tmp_path / "run") == before[0]
+    assert ckpt_io.choose_resume("auto", tmp_path / "run", Dist())[0] == before[0]
     assert ckpt_io.load_state(before[0])["step"] == 10
 
 

@@ -95,10 +95,8 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
             raise ConfigError(f"trainer.sample_prompt={t.sample_prompt!r}: {e}: {fix}") from None
 
     ckpt_io.remove_stale_temporaries(run_dir / "checkpoints")
-    ckpt = ckpt_io.resolve_resume(t.resume, run_dir)
-    state = None
+    ckpt, state = ckpt_io.choose_resume(t.resume, run_dir, d)
     if ckpt is not None:
-        state = ckpt_io.load_state(ckpt)
         ckpt_io.check_compatible(state, asdict(gpt_config), tokenizer.identity, ckpt)
         ckpt_io.check_resumable(state, d, ckpt)
         saved_optimizer = saved_optimizer_config(ckpt)

@@ -11,9 +11,9 @@ Layout of `<run_dir>/checkpoints/step_00000500/`:
                       `torch.load(weights_only=True)` reads it
   config.yaml         the resolved run config
   tokenizer/          the tokenizer the run was trained with
-  manifest.json       written last: every file above with its size. A checkpoint is complete only if
-                      its manifest says so (one written before manifests existed counts as complete
-                      when it has state.pt and its weights)
+  manifest.json       written last: every file above with its size and SHA-256. A checkpoint is complete
+                      only if its manifest says so, and is loaded only if every checksum matches
+                      (trainer/checkpoint_files.py: listing, completeness, damage)
 
 Each checkpoint is written into a temporary sibling directory (every rank writes its shards there)
 that rank 0 renames into place only when all of it is on disk, so a kill in the middle of a write
@@ -26,11 +26,10 @@ components, `restore` loads them back, and `load_state` reads the format number 
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import os
 import pickle
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -39,20 +38,33 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model
 
 from models.minigpt import GPTConfig, MiniGPT
+from trainer.checkpoint_files import (  # noqa: F401  (re-exported: what a run directory holds)
+    MANIFEST,
+    SHARDED,
+    STEP_DIR,
+    aside_name,
+    damage,
+    find_checkpoint,
+    has_whole_weights,
+    is_complete,
+    is_sharded,
+    list_checkpoints,
+    newer_incomplete,
+    remove_stale_temporaries,
+    write_manifest,
+)
 from trainer.distributed import Dist, barrier, broadcast
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, filesystem_fault
 from trainer.runtime import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1  # state.pt's "format"; load_state refuses any other
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-SHARDED = "sharded"  # the torch.distributed.checkpoint directory inside a checkpoint
 PROGRESS = "progress"  # the component whose keys sit at the top level of state.pt (format 1's layout)
 
 
@@ -174,34 +186,70 @@ def _fsync_tree(directory: Path) -> None:
 
 def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], d: Dist, keep: int) -> Path:
     """Write checkpoint `step` atomically and prune all but the newest `keep`. Every rank calls this;
-    `write(tmp)` fills the temporary directory (on every rank, so that each can write its shards)."""
+    `write(tmp)` fills the temporary directory (on every rank, so that each can write its shards). A write
+    that fails (a full disk, a read-only directory) removes what it wrote, leaves the previous checkpoints
+    as they were, and raises ConfigError: one line naming the directory and the cause."""
     final = ckpt_root / f"step_{step:08d}"
     tmp = None
-    if d.is_main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".tmp_step_{step:08d}_", dir=ckpt_root)
-    tmp = Path(broadcast(tmp, d))
     try:
+        if d.is_main:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".tmp_step_{step:08d}_", dir=ckpt_root)
+        tmp = Path(broadcast(tmp, d))
         write(tmp)
         barrier(d)  # every rank's shards are written
         if d.is_main:
-            _write_manifest(tmp, step)
+            write_manifest(tmp, step)
             _fsync_tree(tmp)
-            if final.exists():  # incomplete, or from before a resume from an older checkpoint: keep it aside
-                aside, why = _aside(final), is_complete(final)
+            if final.exists():  # incomplete, or one this run did not resume from (damaged, or newer): keep it aside
+                aside, why = aside_name(final), is_complete(final)
                 os.replace(final, aside)
-                log.warning("%s existed (%s): moved to %s", final, f"incomplete: {why}" if why else "complete",
-                            aside.name)  # fmt: skip
+                log.warning("%s existed (%s): moved to %s", final, f"incomplete: {why}" if why else
+                            "a checkpoint this run did not resume from", aside.name)  # fmt: skip
             os.replace(tmp, final)  # the commit point
             _fsync_dir(ckpt_root)
             for old in list_checkpoints(ckpt_root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        if d.is_main:
+    except BaseException as e:
+        why = _write_failure(e, ckpt_root)  # before the clean-up frees the space
+        if d.is_main and tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if why is None:
+            raise
+        kept = list_checkpoints(ckpt_root)
+        previous = f"the previous checkpoint {kept[-1].name} is intact" if kept else "no earlier checkpoint exists"
+        raise ConfigError(f"checkpoint of step {step} could not be written in {ckpt_root}: {why}; {previous}") from None
     barrier(d)  # no rank goes on (or reads the checkpoint) before it is committed
     return final
+
+
+# What torch's zip writer says when a write fails: it never mentions the cause (issue 14: "unexpected pos").
+# What torch's zip writer says when a write fails: it never names the cause (issue 14: "unexpected pos").
+_TORCH_WRITER = ("unexpected pos", "iostream error", "file write failed", "PytorchStreamWriter")
+
+
+def _write_failure(e: BaseException, ckpt_root: Path) -> str | None:
+    """Why a checkpoint write failed, for one line, when the cause is the filesystem (None otherwise: a bug
+    keeps its traceback). torch.save's own error names no cause, so a nearly full disk is looked up."""
+    chain, x = [], e
+    while x is not None and len(chain) < 8:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    for x in chain:
+        if (why := filesystem_fault(x)) is not None:
+            return why
+    text = " ".join(str(x) for x in chain)
+    try:
+        usage = shutil.disk_usage(ckpt_root if ckpt_root.exists() else ckpt_root.parent)
+        free, nearly_full = f"{usage.free / 2**20:.1f} MiB free", usage.free < max(16 * 2**20, usage.total // 100)
+    except OSError:
+        free, nearly_full = "free space unknown", False
+    full = "No space left" in text or (nearly_full and any(marker in text for marker in _TORCH_WRITER))
+    if full:  # safetensors and torch.save wrap the OSError in their own exceptions
+        return filesystem_fault(OSError(errno.ENOSPC, f"No space left on device ({free})"))
+    if any(marker in text for marker in (*_TORCH_WRITER, "I/O error", "os error")):
+        return f"a write failed ({_first_line(chain[-1])}; {free})"
+    return None
 
 
 def write_files(directory: Path, model: torch.nn.Module | None, state: dict, config_yaml: str, tokenizer) -> None:
@@ -257,115 +305,12 @@ def load_sharded(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
-MANIFEST = "manifest.json"
+class DamagedCheckpoint(ConfigError):
+    """A checkpoint whose files do not read back as written: `why` names the file and the cause."""
 
-
-def _write_manifest(directory: Path, step: int) -> None:
-    found = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST]
-    files = {str(p.relative_to(directory)): p.stat().st_size for p in found}
-    (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
-
-
-def _aside(final: Path) -> Path:
-    n, aside = 1, final.with_name(f"{final.name}.replaced")
-    while aside.exists():
-        n += 1
-        aside = final.with_name(f"{final.name}.replaced-{n}")
-    return aside
-
-
-def is_complete(ckpt: Path) -> str | None:
-    """None if the checkpoint is complete; otherwise what is wrong with it, for a message."""
-    manifest = ckpt / MANIFEST
-    if not manifest.exists():  # written before manifests: state and weights present
-        if not (ckpt / "state.pt").exists():
-            return "no state.pt"
-        return None if has_whole_weights(ckpt) or is_sharded(ckpt) else "no weights"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError, OSError):
-        return f"{MANIFEST} is unreadable"
-    for name, size in files.items():
-        path = ckpt / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, its manifest says {size}"
-    return None
-
-
-def has_whole_weights(ckpt: Path) -> bool:
-    return (ckpt / "model.safetensors").exists()
-
-
-def is_sharded(ckpt: Path) -> bool:
-    return (ckpt / SHARDED / ".metadata").exists()
-
-
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories are never listed)."""
-    if not ckpt_root.is_dir():
-        return []
-    found = [p for p in ckpt_root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-    return sorted(p for p in found if is_complete(p) is None)
-
-
-def newer_incomplete(ckpt_root: Path, than: Path | None) -> list[tuple[Path, str]]:
-    """Step directories newer than `than` (all, if None) that are not complete, with what is wrong."""
-    if not ckpt_root.is_dir():
-        return []
-    found = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
-    bad = [(p, is_complete(p)) for p in found if than is None or p.name > than.name]
-    return [(p, why) for p, why in bad if why is not None]
-
-
-def remove_stale_temporaries(ckpt_root: Path) -> None:
-    """Remove leftovers of writes that were killed part-way."""
-    if ckpt_root.is_dir():
-        for p in ckpt_root.glob(".tmp_step_*"):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def resolve_resume(resume: str | None, run_dir: Path, what: str = "trainer.resume") -> Path | None:
-    """`null` -> None; `auto` -> the latest checkpoint in this run directory, if any;
-    a path -> that checkpoint, or the latest one in that run (or checkpoints) directory."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        ckpts = list_checkpoints(run_dir / "checkpoints")
-        latest = ckpts[-1] if ckpts else None
-        for bad, why in newer_incomplete(run_dir / "checkpoints", latest):
-            log.warning("trainer.resume=auto: skipping %s (%s); continuing from %s", bad, why, latest or "step 0")
-        return latest
-    path = Path(resume).expanduser()
-    if STEP_DIR.match(path.name) and path.is_dir():
-        why = is_complete(path)
-        if why is not None:
-            raise ConfigError(f"{what}={resume!r} is incomplete ({why}): name an earlier checkpoint, or its run")
-        return path
-    if (path / "state.pt").exists():
-        return path
-    for root in (path / "checkpoints", path):
-        ckpts = list_checkpoints(root)
-        if ckpts:
-            return ckpts[-1]
-    raise ConfigError(f"{what}={resume!r}: no checkpoint there; give a checkpoint or run directory")
-
-
-def load_state(ckpt: Path) -> dict:
-    """state.pt (tensors and plain containers only: weights_only), refused in one line if its format is
-    not the one this code writes."""
-    try:
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # torn or garbled
-        raise ConfigError(f"checkpoint {ckpt}: state.pt cannot be read ({_first_line(e)}): {_DAMAGED}") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        state = state if isinstance(state, dict) else {}
-        raise ConfigError(
-            f"checkpoint {ckpt} has state format {state.get('format')}; this trainer reads format {STATE_FORMAT}: "
-            "resume it with the version that wrote it, or start a new run"
-        )
-    return state
+    def __init__(self, ckpt: Path, why: str):
+        self.ckpt, self.why = ckpt, why
+        super().__init__(f"checkpoint {ckpt}: {why}: {_DAMAGED}")
 
 
 _DAMAGED = "the checkpoint is damaged; resume or export an earlier one (the run keeps the previous checkpoints)"
@@ -376,10 +321,90 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
+def load_state(ckpt: Path) -> dict:
+    """state.pt (tensors and plain containers only: weights_only), refused in one line if its format is
+    not the one this code writes."""
+    try:
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # torn or garbled
+        raise DamagedCheckpoint(ckpt, f"state.pt cannot be read ({_first_line(e)})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        state = state if isinstance(state, dict) else {}
+        raise ConfigError(
+            f"checkpoint {ckpt} has state format {state.get('format')}; this trainer reads format {STATE_FORMAT}: "
+            "resume it with the version that wrote it, or start a new run"
+        )
+    return state
+
+
+def read_checkpoint(ckpt: Path) -> dict:
+    """The state of a checkpoint whose files read back as written: every checksum matches, a sharded
+    checkpoint's metadata unpickles safely, state.pt loads. DamagedCheckpoint otherwise, naming the file."""
+    why = damage(ckpt)
+    if why is not None:
+        raise DamagedCheckpoint(ckpt, why)
+    if has_whole_weights(ckpt):  # the header, for checkpoints written before checksums (cheap: no tensor data)
+        try:
+            with safe_open(ckpt / "model.safetensors", framework="pt") as f:
+                f.keys()
+        except (OSError, SafetensorError) as e:
+            raise DamagedCheckpoint(ckpt, f"model.safetensors cannot be read ({_first_line(e)})") from None
+    if is_sharded(ckpt):
+        from trainer.dcp_reader import read_metadata
+
+        read_metadata(ckpt / SHARDED / ".metadata")  # a crafted pickle is refused here, in one line
+    return load_state(ckpt)
+
+
+def choose_resume(resume: str | None, run_dir: Path, d: Dist) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from, and its state. Under `auto`, the newest one that reads back whole: a
+    damaged or incomplete one is skipped with a warning that names it (it is moved aside when its step is
+    written again). If the run directory has checkpoints and none can be read, the run stops in one line
+    rather than start again from step 0. Rank 0 reads and chooses; every rank gets its choice."""
+    if d.is_main:
+        try:
+            ckpt, state = _choose(resume, run_dir)
+            outcome = (str(ckpt) if ckpt else None, None)
+        except ConfigError as e:
+            ckpt, state, outcome = None, None, (None, str(e))
+    path, error = broadcast(outcome if d.is_main else None, d)
+    if error is not None:
+        raise ConfigError(error)
+    if path is None:
+        return None, None
+    return Path(path), state if d.is_main else load_state(Path(path))
+
+
+def _choose(resume: str | None, run_dir: Path) -> tuple[Path | None, dict | None]:
+    if resume is None:
+        return None, None
+    if resume != "auto":
+        ckpt = find_checkpoint(resume)
+        return ckpt, read_checkpoint(ckpt)
+    root = run_dir / "checkpoints"
+    skipped = [(p, why) for p, why in newer_incomplete(root, None)]
+    for ckpt in reversed(list_checkpoints(root)):
+        try:
+            state = read_checkpoint(ckpt)
+        except DamagedCheckpoint as e:
+            skipped.append((ckpt, e.why))
+            continue
+        for bad, why in skipped:
+            log.warning("trainer.resume=auto: skipping %s (%s); continuing from %s", bad, why, ckpt.name)
+        return ckpt, state
+    if skipped:
+        listed = "; ".join(f"{p.name}: {why}" for p, why in sorted(skipped))
+        raise ConfigError(
+            f"trainer.resume=auto: no checkpoint in {root} can be read ({listed}): move them aside to train again "
+            f"from step 0, or pass trainer.start_over=true"
+        )
+    return None, None
+
+
 def load_model(ckpt: Path) -> MiniGPT:
     """The checkpoint's model (whole or sharded weights), on the CPU, in eval mode: what export,
-    sample and the loss landscape read."""
-    model = MiniGPT(GPTConfig(**load_state(ckpt)["model_config"]))
+    sample and the loss landscape read. Every file is checked against its checksum first."""
+    model = MiniGPT(GPTConfig(**read_checkpoint(ckpt)["model_config"]))
     load_weights(model, ckpt)
     return model.eval()
 
@@ -390,8 +415,7 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
         try:
             load_safetensors(model, str(ckpt / "model.safetensors"))
         except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # torn, garbled, or another shape
-            why = _first_line(e)
-            raise ConfigError(f"checkpoint {ckpt}: model.safetensors cannot be read ({why}): {_DAMAGED}") from None
+            raise DamagedCheckpoint(ckpt, f"model.safetensors cannot be read ({_first_line(e)})") from None
     else:
         load_sharded(ckpt, model)
 

@@ -57,7 +57,13 @@ class Corpus:
         """Each file's text; at the end, one line saying how many bytes were not UTF-8 (replaced by U+FFFD)."""
         replaced: dict[Path, int] = {}  # file -> bytes replaced
         for path in self.files:
-            text, bad = decode(path.read_bytes())
+            try:
+                data = path.read_bytes()
+            except OSError as e:  # readable when the corpus was found, not now
+                raise ConfigError(
+                    f"data.path: {path} cannot be read ({e.strerror}): fix its access or leave it out"
+                ) from None
+            text, bad = decode(data)
             if bad:
                 replaced[path] = bad
             yield text

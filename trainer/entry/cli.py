@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from trainer.config import TrainConfig, register_configs, to_typed
 from trainer.data.corpus import find_corpus
-from trainer.entry.rundir import check_run_dir
+from trainer.entry.rundir import check_run_dir, check_writable
 from trainer.errors import ConfigError, exit_with_error
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -91,8 +91,10 @@ def precheck(argv: list[str]) -> None:
     if not any(arg.startswith("-") for arg in argv):
         typed = config_or_exit(argv)
         run_dir = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("hydra.run.dir=")), None)
-        if run_dir is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # before Hydra writes into it
-            try:  # (under torchrun the run checks it, once the ranks agree whether this is a restart)
+        try:  # before Hydra writes into it (Hydra's default run directories are under runs/)
+            check_writable(Path(run_dir or "runs"))
+            if run_dir is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                # (under torchrun the run checks it, once the ranks agree whether this is a restart)
                 check_run_dir(Path(run_dir), typed.trainer.resume, typed.trainer.start_over)
-            except ConfigError as e:
-                exit_with_error(str(e))
+        except ConfigError as e:
+            exit_with_error(str(e))

@@ -17,8 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.config import TrainConfig, config_dict, config_yaml, to_typed
-from trainer.entry.rundir import archive_run, check_run_dir
-from trainer.errors import ConfigError, exit_with_error
+from trainer.entry.rundir import archive_run, check_run_dir, check_writable, write_run_file
+from trainer.errors import ConfigError, exit_with_error, filesystem_fault
 
 log = logging.getLogger("trainer")
 
@@ -66,6 +66,9 @@ def sweep_identity() -> tuple[str, str] | None:
 
 def run(cfg: DictConfig, run_dir: Path) -> float | None:
     """Train; return the final validation loss (what sweepers minimise)."""
+    # A log line that cannot reach train.log (a full disk) is dropped, not printed with a traceback; the
+    # write that matters (a checkpoint, metrics.jsonl) reports the fault in one line.
+    logging.raiseExceptions = False
     try:
         typed: TrainConfig = to_typed(cfg)
     except ConfigError as e:
@@ -86,6 +89,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     except ConfigError as e:
         exit_with_error(str(e) if not d.enabled else f"(rank {d.rank}) {e}")
     except Exception as e:  # under several processes, say which one failed; the launcher stops the rest
+        if (why := filesystem_fault(e)) is not None:  # a full disk or a read-only directory, whichever file met it
+            exit_with_error(why if not d.enabled else f"(rank {d.rank}) {why}")
         if not d.enabled:
             raise
         if any(marker in str(e).lower() for marker in PEER_LOST):  # a peer failed first and said why
@@ -110,6 +115,9 @@ def _train(typed: TrainConfig, run_dir: Path, d) -> float | None:
             shutil.rmtree(own, ignore_errors=True)
         if not d.is_main:
             logging.getLogger().setLevel(logging.WARNING)  # the console and train.log are rank 0's
+    if d.is_main:  # a read-only run or checkpoint directory fails here, not at the first checkpoint
+        check_writable(run_dir)
+        check_writable(run_dir / "checkpoints")
     run_dir.mkdir(parents=True, exist_ok=True)
     if d.is_main and restarts_share_the_store():
         log.warning(
@@ -131,7 +139,7 @@ def _train(typed: TrainConfig, run_dir: Path, d) -> float | None:
         w.group, w.name = w.group or sweep[0], w.name or sweep[1]
     r = setup_run(typed, run_dir, d)
     if d.is_main:
-        (run_dir / "config.yaml").write_text(config_yaml(typed))  # what ran, sweep names included
+        write_run_file(run_dir / "config.yaml", config_yaml(typed))  # what ran, sweep names included
         # A restart, or resume=auto, that found no checkpoint trains again from step 0: drop the old records.
         resume_step = r.progress.step if r.progress.resumed_from else (-1 if restart or typed.trainer.resume else None)
         metrics = MetricsLogger(run_dir, typed.logger.wandb, config_dict(typed), resume_step)
@@ -165,7 +173,7 @@ def _train(typed: TrainConfig, run_dir: Path, d) -> float | None:
                     r.model, r.tokenizer, t.sample_prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k, t.seed
                 )
             if d.is_main:
-                (run_dir / "sample.txt").write_text(text)
+                write_run_file(run_dir / "sample.txt", text)
                 log.info("sample (sample.txt):\n%s", text)
         if result.val_loss is not None:
             metrics.summary({"final/val_loss": result.val_loss})

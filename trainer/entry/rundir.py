@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +38,32 @@ def check_run_dir(run_dir: Path, resume: str | None, start_over: bool) -> None:
             f"{run_dir} already holds a run: pass trainer.resume=auto to continue it, a new hydra.run.dir, "
             f"or trainer.start_over=true to archive it and start again"
         )
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, in one line and before any work, a directory that cannot be written (read-only, no permission):
+    `path` itself if it exists, else the nearest directory above it, where it would be created."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "not a directory", str(probe))
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        where = path if probe == path else f"{path} (in {probe})"
+        raise ConfigError(
+            f"{where} cannot be written ({e.strerror or e}): make it writable, or pass another hydra.run.dir"
+        ) from None
+
+
+def write_run_file(path: Path, text: str) -> None:
+    """Write one of the run's small files; a write that fails names the file (Python's own error does not)."""
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def archive_run(run_dir: Path) -> Path | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from trainer.config import WandbConfig, WandbMode
+from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,13 @@ class MetricsLogger:
             return None
 
     def log(self, step: int, record: dict) -> None:
-        self.file.write(json.dumps({"step": step, **record}) + "\n")
+        try:
+            self.file.write(json.dumps({"step": step, **record}) + "\n")
+        except OSError as e:  # a full disk, most often: one line (a torn last line is dropped on resume)
+            raise ConfigError(
+                f"{self.path} cannot be written at step {step} ({e.strerror or e}): free some space, then resume "
+                f"with trainer.resume=auto (the checkpoints are intact)"
+            ) from None
         if self.wandb is not None:  # lists (e.g. update ratios across layers) become W&B histograms
             import wandb
 
@@ -94,9 +101,15 @@ class MetricsLogger:
             self.wandb.summary.update(values)
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the write that failed has said so; a full disk cannot take the rest of the line either
+            pass
         if self.wandb is not None:
-            self.wandb.finish()
+            try:
+                self.wandb.finish()
+            except Exception as e:  # e.g. a full disk under its offline files: the run's own error comes first
+                log.warning("W&B could not finish (%s: %s); metrics.jsonl has every record", type(e).__name__, e)
             self.wandb = None
 
 
