@@ -141,6 +141,8 @@ class LayerKV:
 
 
 class KVCache:
+    """Every layer's keys and values, for generation (MiniGPT.forward's `cache`)."""
+
     def __init__(self, n_layer: int, max_len: int):
         self.layers = [LayerKV(max_len) for _ in range(n_layer)]
 
@@ -338,19 +340,17 @@ class MiniGPT(nn.Module):
         comparison), every step reads the last block_size tokens again and runs the head over all of them.
         """
         window = self.config.block_size
-        cache, start = None, max(0, idx.size(1) - window)  # the context is idx[:, start:]
+        start = max(0, idx.size(1) - window)  # the context is idx[:, start:]
+        cache = KVCache(self.config.n_layer, window) if use_cache else None
         for _ in range(max_new_tokens):
-            if not use_cache:
+            if cache is None:
                 logits, _ = self(idx[:, -window:])
-            elif cache is None or idx.size(1) - start > window:
-                if cache is None:
-                    cache = KVCache(self.config.n_layer, window)
-                else:
-                    start = idx.size(1) - max(1, window // 2)
-                cache.clear()
-                logits, _ = self(idx[:, start:], cache=cache)
             else:
-                logits, _ = self(idx[:, -1:], cache=cache)
+                if idx.size(1) - start > window:  # full: keep the newest half, to be read again
+                    start = idx.size(1) - max(1, window // 2)
+                    cache.clear()
+                # what the cache lacks: the whole context at first and after a shift, else the newest token
+                logits, _ = self(idx[:, start + cache.length :], cache=cache)
             next_id = pick_next(logits[:, -1, :].float(), temperature, top_k, generator)
             idx = torch.cat((idx, next_id), dim=1)
         return idx

@@ -340,9 +340,11 @@ class MuonConfig(OptimizerConfig):
 
 
 def muon_params(model: nn.Module) -> list[nn.Parameter]:
-    """Hidden 2-D matrices: every 2-D parameter except embeddings (and the head tied to them)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return [p for p in model.parameters() if p.requires_grad and p.dim() == 2 and id(p) not in embeddings]
+    """Hidden 2-D matrices: every 2-D parameter except embeddings and the output head, tied to them or not
+    (model.tie_embeddings=false): Muon is for the matrices in between, AdamW takes the outer ones."""
+    outer = {id(m.weight) for name, m in model.named_modules()
+             if isinstance(m, nn.Embedding) or name.endswith("lm_head")}  # fmt: skip
+    return [p for p in model.parameters() if p.requires_grad and p.dim() == 2 and id(p) not in outer]
 
 
 def _muon_bytes(model: nn.Module, cfg: MuonConfig) -> float:

@@ -216,3 +216,13 @@ def test_presets_are_llama_style():
     with torch.device("meta"):
         big = MiniGPT(to_typed(compose_cfg(["model=llama-124m"])).model.architecture(50257))
     assert 120e6 < big.num_params() < 130e6  # the GPT-2-small budget
+
+
+def test_muon_leaves_an_untied_head_to_adamw():
+    from optim.torch_optimizers import muon_params
+
+    for tie in (True, False):
+        model = tiny(**{**LLAMA, "tie_embeddings": tie})
+        hidden = {id(p) for p in muon_params(model)}
+        assert id(model.lm_head.weight) not in hidden and id(model.wte.weight) not in hidden
+        assert id(model.h[0].mlp.c_gate.weight) in hidden and id(model.h[0].attn.c_attn.weight) in hidden
