@@ -139,6 +139,24 @@ def test_a_changed_lr_on_resume_applies_from_the_first_resumed_step(tmp_path, co
     assert by_step(records(full), "lr")[6] == pytest.approx(2 * got[6])  # not the checkpoint's
 
 
+def test_a_longer_run_on_resume_follows_its_new_schedule_from_the_first_resumed_step(
+    tmp_path, corpus_file, full, caplog
+):
+    """ "Train longer": resuming the finished 10-step run with trainer.max_steps=20 stretches its cosine schedule.
+    Every resumed step, the first included, runs at the lr of a 20-step run (LambdaLR alone would run step 11 at
+    the checkpoint's lr, the end of the 10-step decay)."""
+    reference = tmp_path / "reference"
+    train(tmp_path, corpus_file, reference, **{"trainer.max_steps": 20})
+    run_dir = tmp_path / "run"
+    copy_until(full, run_dir, 10)
+    with caplog.at_level(logging.INFO):
+        train(tmp_path, corpus_file, run_dir, **{"trainer.max_steps": 20, "trainer.resume": "auto"})
+    assert "resume: trainer.max_steps 10 -> 20" in caplog.text
+    got, want = by_step(records(run_dir), "lr"), by_step(records(reference), "lr")
+    assert {s: got[s] for s in range(11, 21)} == pytest.approx({s: want[s] for s in range(11, 21)}, rel=1e-12)
+    assert got[11] > 2 * by_step(records(full), "lr")[10]  # not the 10-step schedule's last lr
+
+
 def test_resuming_with_another_optimizer_is_refused_in_one_line(tmp_path, corpus_file, full):
     run_dir = tmp_path / "run"
     copy_until(full, run_dir, 5)

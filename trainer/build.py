@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from models.hf import load_hf_weights
 from models.minigpt import GPTConfig, MiniGPT
 from optim.builder import BuildContext, HookContext, after_load, build_hook, build_optimizer, load_all
 from optim.schedules import build_scheduler, constant_scheduler
@@ -21,7 +22,12 @@ from trainer.data.shards import TokenShards
 from trainer.data.tokenizers import build_tokenizer
 from trainer.distributed import Dist, barrier, checkpoint_blocks, local_device, max_over_ranks, wrap
 from trainer.errors import ConfigError
-from trainer.resume import apply_changed_hyperparameters, check_same_optimizer, saved_optimizer_config
+from trainer.resume import (
+    apply_changed_hyperparameters,
+    check_same_optimizer,
+    log_changed_schedule,
+    saved_optimizer_config,
+)
 from trainer.runtime import autocast, check_precision, grad_scaler, pick_device, seed_everything
 from trainer.telemetry.anomaly import AnomalyGuard
 
@@ -113,6 +119,11 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
         ) from None
     if state is not None and not sharded:
         ckpt_io.load_weights(model, ckpt)  # into the plain module, before any wrapping
+    elif state is None and cfg.model.init_from is not None:  # a transformers model's weights (models/hf.py)
+        try:
+            load_hf_weights(model, cfg.model.init_from)
+        except ValueError as e:
+            raise ConfigError(f"model.init_from: {e}") from None
     if t.activation_checkpointing:
         checkpoint_blocks(model)
     wrapped = wrap(model, d, device, cfg.distributed)  # FSDP shards the parameters in place
@@ -147,6 +158,7 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
         ckpt_io.restore(ckpt, state, model, optimizer, stateful)
         after_load(optimizer, cfg.optimizer)  # schedule-free: checkpoints hold the eval-mode average
         apply_changed_hyperparameters(optimizer, scheduler, model, saved_optimizer, cfg.optimizer, ctx)
+        log_changed_schedule(ckpt, cfg.schedule, t.max_steps)
         progress.resumed_from = ckpt
         del state  # drop the loaded optimizer tensors: they are copied into the optimizer now
         log.info("resumed from %s at step %d", ckpt, progress.step)

@@ -67,6 +67,9 @@ class ModelConfig(GPTConfig):
 
     vocab_size: int | None = None  # None: the tokenizer's size, padded to pad_vocab_multiple
     pad_vocab_multiple: int = 64  # round the embedding up for faster matmuls (50257 -> 50304)
+    # A local transformers GPT-2, Llama or Qwen3 directory to start from: its architecture, tokenizer and
+    # weights (models/hf.py). Fields left at their defaults are taken from it; one set otherwise must agree.
+    init_from: str | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -233,8 +236,29 @@ def to_typed(cfg: DictConfig | Any) -> TrainConfig:
     """Turn a composed DictConfig into TrainConfig dataclasses (enums included), then validate. The run
     holds only this form from here on; config.yaml and W&B's config are written from it."""
     typed = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+    resolve_init_from(typed)
     validate(typed)
     return typed
+
+
+def resolve_init_from(cfg: TrainConfig) -> None:
+    """model.init_from=PATH: the architecture fields and the tokenizer come from PATH (models/hf.py reads
+    its config.json; trainer/build.py loads its weights)."""
+    m, tok = cfg.model, cfg.tokenizer
+    if m.init_from is None:
+        return
+    from models.hf import init_fields
+
+    try:
+        fields = init_fields(m.init_from, m)
+    except ValueError as e:
+        raise ConfigError(f"model.init_from: {e}") from None
+    if tok.kind not in ("byte", "hf") or tok.kind == "hf" and tok.name not in (None, m.init_from):
+        raise ConfigError(f"model.init_from={m.init_from} brings its own tokenizer: drop tokenizer={tok.kind} "
+                          f"{tok.name or ''}".rstrip())  # fmt: skip
+    for key, value in fields.items():
+        setattr(m, key, value)
+    tok.kind, tok.name = "hf", m.init_from
 
 
 def config_dict(cfg: TrainConfig) -> dict:

@@ -57,10 +57,11 @@ def apply_changed_hyperparameters(
     optimizer: torch.optim.Optimizer, scheduler, model: torch.nn.Module, saved: OptimizerConfig,
     cfg: OptimizerConfig, ctx: BuildContext,
 ) -> list[str]:  # fmt: skip
-    """After the optimizer and scheduler state are loaded: set again what this run's config changes.
-    Returns the changed field names (each also logged)."""
+    """After the optimizer and scheduler state are loaded: set again what this run's config changes, and the lr
+    of this run's schedule at the restored step. Returns the changed field names (each also logged)."""
     changed = [f.name for f in fields(cfg) if getattr(saved, f.name) != getattr(cfg, f.name)]
     if not changed:
+        lr_from_schedule(optimizer, scheduler)
         return []
     for name in changed:
         log.info("resume: optimizer.%s %s -> %s (this run's value applies)", name, getattr(saved, name),
@@ -71,10 +72,33 @@ def apply_changed_hyperparameters(
         for key, value in new.items():
             if key == "params" or _same(old.get(key), value):
                 continue
-            if key == "lr":  # the schedule's new peak, at the schedule's current factor
+            if key == "lr":  # the schedule's new peak
                 scheduler.base_lrs[i] = value
                 group["initial_lr"] = value
-                group["lr"] = value * scheduler.lr_lambdas[i](scheduler.last_epoch)
             else:
                 group[key] = value
+    lr_from_schedule(optimizer, scheduler)
     return changed
+
+
+def lr_from_schedule(optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Each group's lr from this run's schedule at the restored step. LambdaLR computes it only at its next
+    step(), so without this the first resumed step would run at the checkpoint's lr even when schedule.* or
+    trainer.max_steps changed. With nothing changed it is the same arithmetic, so the same lr to the bit."""
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
+def log_changed_schedule(ckpt: Path, schedule, max_steps: int) -> None:
+    """One line per schedule.* value (and trainer.max_steps, which shapes the schedule) that differs from the
+    checkpoint's: this run's schedule applies from the resumed step."""
+    try:
+        saved = OmegaConf.load(ckpt / "config.yaml")
+    except (OSError, OmegaConfBaseException):
+        return  # saved_optimizer_config has already refused an unreadable config.yaml
+    pairs = [(f"schedule.{f.name}", saved.get("schedule", {}).get(f.name), getattr(schedule, f.name))
+             for f in fields(schedule)]  # fmt: skip
+    pairs.append(("trainer.max_steps", saved.get("trainer", {}).get("max_steps"), max_steps))
+    for name, old, new in pairs:
+        if old is not None and old != new:
+            log.info("resume: %s %s -> %s (this run's schedule applies from the resumed step)", name, old, new)
