@@ -388,3 +388,20 @@ def test_an_unreadable_data_file_fails_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_bytes", denied)
     with pytest.raises(ConfigError, match=rf"{path} cannot be read \(Permission denied\)"):
         list(corpus.texts())
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path, corpus_file, full, capsys):
+    """Two launches at once (a re-queued job while the first still runs, a resume=auto command run twice) would
+    both pass the used-directory check; the second is refused in one line, and once the first ends it may go."""
+    from trainer.entry.rundir import hold_run_dir
+
+    held = hold_run_dir(full)  # the first launch, still running
+    before = (full / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as info:
+        train(tmp_path, corpus_file, full, **{"trainer.resume": "auto", "trainer.max_steps": 12})
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1 and f"{full} is in use by pid" in lines[0], lines
+    assert (full / "metrics.jsonl").read_text() == before
+    held.close()  # the first one ends (a killed process releases it the same way)
+    train(tmp_path, corpus_file, full, **{"trainer.resume": "auto", "trainer.max_steps": 12})
+    assert [r["step"] for r in records(full)][-1] == 12

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.config import TrainConfig, config_dict, config_yaml, to_typed
-from trainer.entry.rundir import archive_run, check_run_dir, check_writable, write_run_file
+from trainer.entry.rundir import archive_run, check_run_dir, check_writable, hold_run_dir, write_run_file
 from trainer.errors import ConfigError, exit_with_error, filesystem_fault
 
 log = logging.getLogger("trainer")
@@ -119,6 +119,12 @@ def _train(typed: TrainConfig, run_dir: Path, d) -> float | None:
         check_writable(run_dir)
         check_writable(run_dir / "checkpoints")
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:  # one process trains in a run directory at a time; every rank learns rank 0's answer
+        lock, refused = (hold_run_dir(run_dir), None) if d.is_main else (None, None)
+    except ConfigError as e:
+        lock, refused = None, str(e)
+    if (refused := distributed.broadcast(refused, d)) is not None:
+        raise ConfigError(refused)
     if d.is_main and restarts_share_the_store():
         log.warning(
             "torchrun --max-restarts: launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, or restarted workers can "
@@ -181,6 +187,8 @@ def _train(typed: TrainConfig, run_dir: Path, d) -> float | None:
         return result.val_loss
     finally:
         metrics.close()
+        if lock is not None:  # the run directory is free again (an exit would free it too)
+            lock.close()
 
 
 def _continue_after_restart(typed: TrainConfig, run_dir: Path, restart: int, is_main: bool) -> None:

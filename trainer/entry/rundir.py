@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +59,33 @@ def check_writable(path: Path) -> None:
         raise ConfigError(
             f"{where} cannot be written ({e.strerror or e}): make it writable, or pass another hydra.run.dir"
         ) from None
+
+
+LOCK = ".run.lock"
+
+
+def hold_run_dir(run_dir: Path):
+    """Take the run directory for this process (rank 0) until it exits, or refuse in one line if another process
+    holds it: two launches at once (a job re-queued while the first still runs, a command run twice with
+    trainer.resume=auto) would otherwise both pass check_run_dir and write the same files. The lock is
+    flock(2): the kernel drops it when the holder dies, so a killed run leaves nothing stale. (On a shared
+    filesystem it holds across nodes only where that filesystem supports flock.) Returns the open lock file,
+    which the caller keeps for the run's lifetime."""
+    f = open(run_dir / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(
+            f"{run_dir} is in use by {holder}: wait for it to finish (or stop it), or pass another hydra.run.dir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
 
 
 def write_run_file(path: Path, text: str) -> None:
