@@ -1,0 +1,52 @@
+"""Benchmark jobs through Hydra's launcher for real (train.py -m over job config files): each run lands in its
+own directory with the job's values, a refused job is marked failed with its error line, and a second
+launch of the same jobs runs nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from conftest import make_corpus
+
+from trainer.lab.benchmark.config import load_config, settings
+from trainer.lab.benchmark.jobs import make_job
+from trainer.lab.benchmark.launch import HydraLauncher
+from trainer.lab.benchmark.protocol import Benchmark
+
+
+def test_jobs_run_through_train_py_multirun_and_are_not_run_twice(tmp_path: Path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus(30_000))
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(yaml.safe_dump({
+        "optimizers": ["adamw", "lion"],
+        "regime": ["data=text", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "model.block_size=16",
+                   "trainer.micro_batch_size=4", "trainer.precision=fp32", "trainer.device=cpu",
+                   "logger.wandb.mode=disabled"],
+        "sizes": [{"name": "a", "model": ["model.n_layer=1", "model.n_head=2", "model.n_embd=16"],
+                   "budgets": [0.25, 0.5, 1]}],
+        "evals_per_run": 2, "eval_batches": 2,
+    }))  # fmt: skip
+    cfg = load_config(str(preset), [])
+    adamw, lion = settings(cfg)
+    jobs = [make_job(cfg, adamw, adamw.defaults | {"optimizer.lr": 3e-3}, 0.25, 1, "tune"),
+            make_job(cfg, lion, lion.defaults | {"optimizer.lr": -1.0}, 0.25, 1, "tune"),  # refused by the trainer
+            make_job(cfg, lion, lion.defaults, 0.25, 2, "tune")]  # fmt: skip
+    out = tmp_path / "out"
+    bench = Benchmark(cfg, [adamw, lion], out, HydraLauncher(out, [], poll_s=0.5), progress=False)
+    bench.execute(jobs, "tune")
+    ok, refused, ok2 = (bench.result(j) for j in jobs)
+    assert (ok.status, refused.status, ok2.status) == ("ok", "failed", "ok"), (refused.reason, ok.reason)
+    assert "optimizer.lr=-1.0 must be > 0" in refused.reason and refused.loss == float("inf")
+    ran = yaml.safe_load((out / "runs" / jobs[0].key / "config.yaml").read_text())
+    steps = jobs[0].steps
+    assert ran["optimizer"]["lr"] == 3e-3 and ran["trainer"]["max_steps"] == steps and ran["trainer"]["seed"] == 1
+    assert ran["schedule"]["warmup_steps"] == round(0.1 * steps) and ran["trainer"]["resume"] == "auto"
+    finals = [json.loads(line) for line in (out / "runs" / jobs[0].key / "metrics.jsonl").read_text().splitlines()]
+    assert finals[-1]["step"] == steps and ok.final_loss == finals[-1]["val/loss"]
+    assert len(ok.evals) == 3  # step 0, then every ceil(steps / evals_per_run) steps, the last at the end
+    bench.execute(jobs, "tune")  # all done: no second launch
+    assert len(list((out / "logs").glob("launch-*.log"))) == 1
+    assert [json.loads(line)["runs"] for line in (out / "ledger.jsonl").read_text().splitlines()] == [3]
