@@ -38,8 +38,11 @@ reached). Baseline: --baseline names a label or an optimizer.name (default adamw
 match, or no --baseline was given and none is adamw, the one with the lowest mean final val loss is used.
 Every other configuration gets Δ final (its mean final val loss minus the baseline's) and Δ steps (same for
 steps to target, over the seeds that reached it), each with the p-value of Welch's t-test
-(scipy.stats.ttest_ind(a, b, equal_var=False); n/a with fewer than 2 seeds a side). The verdict, on final val
-loss: better / worse only when p < alpha, otherwise "no sig. diff."; n/a with fewer than 2 seeds a side.
+(scipy.stats.ttest_ind(a, b, equal_var=False); n/a with fewer than 2 seeds a side) and that p-value
+Holm-corrected (Holm 1979) across every configuration tested against the baseline: with 14 comparisons, a
+raw p of 0.01 is not enough. The verdict, on final val loss: better / worse only when the Holm-adjusted
+p < alpha, otherwise "no sig. diff."; n/a with fewer than 2 seeds a side. (trainer/lab/benchmark/stats.py
+holds the test, the correction and the interpolation; scripts/benchmark.py uses them too.)
 
 Writes OUT/compare.md (the table), OUT/compare.json (the numbers, per configuration and per seed),
 OUT/val_loss_vs_steps.png and OUT/val_loss_vs_time.png (mean over seeds per eval, min-max band, the target
@@ -55,7 +58,6 @@ import math
 import os
 import statistics
 import sys
-import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import NamedTuple
@@ -66,10 +68,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import yaml
-from scipy import stats
 from tqdm import tqdm
 
 from trainer.errors import exit_with_error
+from trainer.lab.benchmark.stats import holm, steps_to_target, welch
 
 IGNORED = {"trainer.seed", "trainer.resume", "trainer.progress", "trainer.ckpt_interval", "trainer.keep_checkpoints",
            "data.cache_dir"}  # fmt: skip
@@ -77,8 +79,8 @@ IGNORED_PREFIXES = ("logger.", "trainer.sample_")
 FAMILIES = ("optimizer", "schedule")  # a differing NAME stands for the family's other keys
 NA = "n/a"
 COLUMNS = ["configuration", "seeds", "failed", "final val loss", "best val loss", "steps to target", "reached",
-           "train s to target", "tok/s", "opt state MiB", "skipped", "diverged", "Δ final (p)", "Δ steps (p)",
-           "verdict"]  # fmt: skip
+           "train s to target", "tok/s", "opt state MiB", "skipped", "diverged", "Δ final (p, Holm)",
+           "Δ steps (p, Holm)", "verdict"]  # fmt: skip
 
 
 class InputError(Exception):
@@ -212,18 +214,6 @@ def evals(records: list[dict]) -> list[tuple[int, float, float]]:
             for r in records if "val/loss" in r]  # fmt: skip
 
 
-def steps_to_target(ev: list[tuple[int, float, float]], target: float) -> tuple[float, float] | None:
-    """(step, train seconds) where val loss first reaches target, linearly interpolated; None if never."""
-    for i, (s1, l1, t1) in enumerate(ev):
-        if l1 <= target:
-            if i == 0 or not math.isfinite(ev[i - 1][1]):
-                return float(s1), t1
-            s0, l0, t0 = ev[i - 1]
-            f = (l0 - target) / (l0 - l1)
-            return s0 + f * (s1 - s0), t0 + f * (t1 - t0)
-    return None
-
-
 def seed_stats(run: Run, target: float) -> dict:
     ev = evals(run.records)
     losses = [loss for _, loss, _ in ev]
@@ -263,28 +253,12 @@ def summarise(runs: list[Run], target: float) -> dict:
             "diverged": sum(s["diverged"] for s in seeds), "seeds": seeds}  # fmt: skip
 
 
-def welch(a: list[float], b: list[float]) -> dict | None:
-    """mean(a) - mean(b) with Welch's t-test (t, df, p; None with fewer than 2 values a side)."""
-    if not a or not b:
-        return None
-    out = {"diff": statistics.fmean(a) - statistics.fmean(b), "t": None, "df": None, "p": None, "n": [len(a), len(b)]}
-    if len(a) >= 2 and len(b) >= 2:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # identical values: nan t and p
-            res = stats.ttest_ind(a, b, equal_var=False)
-        out |= {"t": finite_or_none(res.statistic), "df": finite_or_none(getattr(res, "df", None)),
-                "p": finite_or_none(res.pvalue)}  # fmt: skip
-        if out["p"] is None and out["diff"] == 0:
-            out["p"] = 1.0  # both sides constant and equal
-    return out
-
-
 def verdict(cmp: dict | None, alpha: float, diverged: int = 0) -> str:
-    """better / worse only when p < alpha; a configuration that diverged on some seed is never `better`
-    (its finished seeds alone would flatter it)."""
+    """better / worse only when the Holm-adjusted p (the raw p when there is none) < alpha; a configuration
+    that diverged on some seed is never `better` (its finished seeds alone would flatter it)."""
     if cmp is None or min(cmp["n"]) < 2 or cmp["p"] is None:
         return NA
-    if cmp["p"] < alpha:
+    if cmp.get("p_holm", cmp["p"]) < alpha:
         return "worse" if cmp["diff"] > 0 else f"unstable ({diverged} diverged)" if diverged else "better"
     return "no sig. diff."
 
@@ -314,7 +288,8 @@ def table_row(r: dict) -> list[str]:
     some = f" ({r['final_val_loss']['n']}/{r['n']})" if r["final_val_loss"]["n"] < r["n"] else ""
     cmp = r["vs_baseline"] or {}
     delta = lambda key, spec: ("baseline" if r["baseline"] else NA if cmp.get(key) is None
-                               else f"{cmp[key]['diff']:{spec}} (p={fmt(cmp[key]['p'], '.3g')})")  # fmt: skip
+                               else f"{cmp[key]['diff']:{spec}} (p={fmt(cmp[key]['p'], '.3g')}, "
+                                    f"Holm {fmt(cmp[key].get('p_holm'), '.3g')})")  # fmt: skip
     return [r["label"], str(r["n"]), str(r["failed"]), ms("final_val_loss", ".4f") + some, ms("best_val_loss", ".4f"),
             ms("steps_to_target", ".0f"), f"{r['reached']}/{r['n']}", ms("time_to_target", ".1f"),
             fmt(r["tokens_per_s"], ".0f"), fmt(r["optimizer_state_mb"], ".1f"), fmt(r["skipped_steps"], "d"),
@@ -335,7 +310,8 @@ def render_markdown(rows: list[list[str]], header: str) -> str:
     lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
     return (
         f"# Run comparison\n\n{header}\n\n" + "\n".join(lines) + "\n\nVerdict: Welch's t-test on final val loss "
-        "against the baseline. ![val loss vs steps](val_loss_vs_steps.png) ![val loss vs time](val_loss_vs_time.png)\n"
+        "against the baseline, its p-values Holm-corrected across the configurations compared. "
+        "![val loss vs steps](val_loss_vs_steps.png) ![val loss vs time](val_loss_vs_time.png)\n"
     )
 
 
@@ -414,10 +390,15 @@ def compare(args: argparse.Namespace) -> int:
     b = summaries[base]
     finals = lambda x: [v["final_val_loss"] for v in x["seeds"] if v["final_val_loss"] is not None]
     steps = lambda x: [v["steps_to_target"] for v in x["seeds"] if v["steps_to_target"] is not None]
+    tests = [None if i == base else {"final_val_loss": welch(finals(s), finals(b)),
+                                     "steps_to_target": welch(steps(s), steps(b))} for i, s in enumerate(summaries)]
+    for key in ("final_val_loss", "steps_to_target"):  # each family of tests against the baseline, corrected
+        family = [t[key] for t in tests if t is not None and t[key] is not None]
+        for cmp, adjusted in zip(family, holm([c["p"] for c in family]), strict=True):
+            cmp["p_holm"] = adjusted
     for i, (label, s) in enumerate(zip(labels, summaries, strict=True)):
         config = {k: v if not isinstance(v, float) or math.isfinite(v) else str(v) for k, v in configs[i].items()}
-        vs = {"final_val_loss": welch(finals(s), finals(b)), "steps_to_target": welch(steps(s), steps(b))}
-        vs = None if i == base else vs
+        vs = tests[i]
         verdict_ = "baseline" if vs is None else verdict(vs["final_val_loss"], args.alpha, s["diverged"])
         summaries[i] = {"label": label, "baseline": i == base, "verdict": verdict_,
                         "config": {k: config[k] for k in sorted(canonical(config))}, **s,
@@ -425,7 +406,10 @@ def compare(args: argparse.Namespace) -> int:
     loss_key = lambda s: (s["final_val_loss"]["mean"] is None, s["final_val_loss"]["mean"] or 0.0, s["label"])
     rows = [summaries[base]] + sorted((s for i, s in enumerate(summaries) if i != base), key=loss_key)
     n_failed = sum(s["failed"] for s in rows)
-    header = (f"target val loss {target:.4f} ({rule}); baseline {labels[base]}; alpha {args.alpha}; "
+    n_tests = sum(t is not None and t["final_val_loss"] is not None and t["final_val_loss"]["p"] is not None
+                  for t in tests)  # fmt: skip
+    header = (f"target val loss {target:.4f} ({rule}); baseline {labels[base]}; alpha {args.alpha}, Holm-corrected "
+              f"over {n_tests} comparison(s); "
               f"{len(runs)} runs ({n_failed} failed) in {len(groups)} configurations")  # fmt: skip
     header += f"\n\nnote: {note}" if note else ""
     out = Path(args.out) if args.out else (paths[0] if len(paths) == 1 else Path.cwd() / "compare")

@@ -162,6 +162,12 @@ def test_sweep_statistics_and_outputs(sweep: Path, capsys) -> None:
         assert got["diff"] == pytest.approx(statistics.fmean(finals) - statistics.fmean(a_final))
         assert (got["t"], got["df"], got["p"]) == pytest.approx((t, df, p))
         assert conf["verdict"] == want and (p < 0.05) == (want == "better")
+    # Holm over the two comparisons (lion, sgd): the smaller p doubled, the larger kept at least as large
+    p_lion, p_sgd = (c["vs_baseline"]["final_val_loss"]["p"] for c in (lion, sgd))
+    lo, hi = sorted((p_lion, p_sgd))
+    want = {lo: min(1.0, 2 * lo), hi: max(min(1.0, 2 * lo), hi)}
+    got = [c["vs_baseline"]["final_val_loss"]["p_holm"] for c in (lion, sgd)]
+    assert got == pytest.approx([want[p_lion], want[p_sgd]])
     sgd_steps = [interp(vals, times, target)[0] for vals, times in list(SGD.values())[:2]]
     t, df, p = welch_by_hand(sgd_steps, [interp(v, t, target)[0] for v, t in ADAMW.values()])
     assert sgd["vs_baseline"]["steps_to_target"]["p"] == pytest.approx(p)
@@ -276,3 +282,23 @@ def test_a_configuration_that_diverged_on_a_seed_is_never_called_better():
     assert compare.verdict(clear_win, 0.05, diverged=1) == "unstable (1 diverged)"
     assert compare.verdict({**clear_win, "diff": 0.5}, 0.05, diverged=1) == "worse"
     assert compare.verdict({**clear_win, "p": 0.2}, 0.05) == "no sig. diff."
+
+
+def test_holm_turns_three_raw_p_values_below_alpha_into_no_significant_difference(tmp_path: Path, capsys) -> None:
+    """Three configurations each a little better than adamw with raw p ~ 0.04: uncorrected, all three would be
+    `better`; Holm multiplies the smallest by 3, so none is."""
+    root = tmp_path / "three"
+    better = [1.75, 1.85, 1.95]
+    finals = {"adamw": [2.0, 2.1, 2.2], "lion": better, "sgd": better, "adam": better}
+    for opt, values in finals.items():
+        for seed, final in enumerate(values):
+            write_run(root / f"{opt}{seed}", config(opt, seed), records([5.0, 3.0, final], [10.0, 20.0], seed))
+    rc, out, err = run_main([root], capsys)
+    assert rc == 0, err
+    doc = json.loads((root / "compare.json").read_text())
+    others = [c for c in doc["configurations"] if not c["baseline"]]
+    raw = [c["vs_baseline"]["final_val_loss"]["p"] for c in others]
+    assert len(others) == 3 and all(0.01 < p < 0.05 for p in raw)
+    assert [c["vs_baseline"]["final_val_loss"]["p_holm"] for c in others] == pytest.approx([min(1, 3 * raw[0])] * 3)
+    assert [c["verdict"] for c in others] == ["no sig. diff."] * 3
+    assert "Holm-corrected over 3 comparison(s)" in out and "Holm 0.1" in (root / "compare.md").read_text()
