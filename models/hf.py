@@ -189,11 +189,12 @@ def read_architecture(path: str | Path) -> tuple[str, dict]:
     if "auto_map" in c or (tokenizer_config.is_file() and "auto_map" in _read_json(tokenizer_config)):
         raise ValueError(f"{path} asks for its own code (auto_map, trust_remote_code): refused; nothing was run")
     kind = c.get("model_type")
-    if kind == "gpt2":
-        return "gpt2", _gpt2_fields(c, path)
-    if kind in ("llama", "qwen3"):
-        return kind, _llama_fields(c, path)
-    raise ValueError(f"{path} holds a {kind!r} model; model.init_from reads gpt2, llama and qwen3 directories")
+    if kind not in ("gpt2", "llama", "qwen3"):
+        raise ValueError(f"{path} holds a {kind!r} model; model.init_from reads gpt2, llama and qwen3 directories")
+    try:
+        return kind, _gpt2_fields(c, path) if kind == "gpt2" else _llama_fields(c, path)
+    except KeyError as e:
+        raise ValueError(f"{path}/config.json has no {e.args[0]!r}") from None
 
 
 def init_fields(path: str | Path, cfg: GPTConfig) -> dict:

@@ -130,3 +130,14 @@ def test_pickled_weights_are_refused_without_being_read(tmp_path, corpus):
 def test_a_directory_without_a_config_is_refused(tmp_path, corpus):
     (tmp_path / "hf").mkdir()
     assert "has no config.json" in refusal(tmp_path, corpus)
+
+
+def test_a_home_relative_path_and_a_config_missing_a_field(tmp_path, corpus, monkeypatch):
+    save_hf("llama", tmp_path / "hf")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = to_typed(compose_cfg(tiny_overrides(tmp_path, corpus, {"model.init_from": '"~/hf"'})))  # quoted for Hydra
+    assert cfg.tokenizer.name == cfg.model.init_from == str(tmp_path / "hf")  # the tokenizer's loader needs it so
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert "config.json has no 'num_hidden_layers'" in refusal(tmp_path, corpus)

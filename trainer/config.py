@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -249,6 +250,7 @@ def resolve_init_from(cfg: TrainConfig) -> None:
         return
     from models.hf import init_fields
 
+    m.init_from = str(Path(m.init_from).expanduser())  # the tokenizer's loader does not expand ~
     try:
         fields = init_fields(m.init_from, m)
     except ValueError as e:
