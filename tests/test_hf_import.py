@@ -14,6 +14,7 @@ import torch
 import transformers
 from conftest import REPO, compose_cfg, make_corpus, tiny_overrides
 
+from trainer import checkpoint as ckpt_io
 from trainer.build import setup_run
 from trainer.config import to_typed
 from trainer.data.tokenizers import ByteTokenizer
@@ -74,6 +75,15 @@ def test_a_run_starts_from_a_transformers_directory_and_trains_on(kind, tmp_path
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r["val/loss"] for r in records if "val/loss" in r]
     assert val[-1] < val[0] - 0.5, val  # it learns from where the transformers model stood
+    # and goes back out: the trained run exports as the same class, with the directory's tokenizer
+    export_hf.main([str(tmp_path / "run"), str(tmp_path / "out")])
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert type(again) is type(hf)
+    with torch.no_grad():
+        trained, _ = ckpt_io.load_model(ckpt_io.find_checkpoint(str(tmp_path / "run")))(idx)
+        torch.testing.assert_close(again(idx).logits, trained, rtol=0, atol=1e-5)
+    text = "the cat sees the moon."
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out")).encode(text) == list(text.encode())
 
 
 def refusal(tmp_path: Path, corpus: Path, **extra) -> str:
