@@ -270,3 +270,24 @@ def test_bad_input_is_one_line_before_any_run(preset, tmp_path, capsys, override
     assert exit_.value.code == 2 and fake.launches == []
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(message), err
+
+
+def test_the_cpu_preset_is_the_protocol_the_issue_asks_for(tmp_path):
+    """AdamW, Muon, SOAP and a scalar optimizer; two sizes; >= 3 seeds and >= 3 budgets each; 1x Chinchilla
+    (20 tokens per parameter) for every optimizer at the smaller size; 4 baseline budgets for the fit check."""
+    from trainer.lab.benchmark.config import load_config, settings
+    from trainer.lab.benchmark.protocol import Benchmark
+
+    cfg = load_config("cpu", [])
+    assert {"adamw", "muon", "soap"} <= set(cfg.optimizers) and {"lion", "adabelief"} & set(cfg.optimizers)
+    assert cfg.baseline == "adamw" and len(cfg.seeds) >= 3 and cfg.tune_seed not in cfg.seeds
+    found = settings(cfg)
+    params = {s.size.name: s.params for s in found}
+    assert len(params) == 2 and min(params.values()) < max(params.values())
+    small = min(cfg.sizes, key=lambda s: params[s.name])
+    assert max(small.budgets) >= 20
+    for size in cfg.sizes:
+        assert len(size.budgets) >= 3 and len({*size.budgets, *size.baseline_budgets}) >= 4
+    plan, _ = Benchmark(cfg, found, tmp_path, FakeLauncher(), progress=False).plan()
+    assert plan.total == {"tune": 2 * 4 * cfg.trials, "tuned": 2 * (4 * 3 * 3 + 3), "default": 2 * (4 * 3 * 3 + 3)}
+    assert load_config("smoke", []).sizes  # the smoke preset loads too

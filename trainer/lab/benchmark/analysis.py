@@ -91,7 +91,7 @@ def table_summary(cfg: BenchmarkConfig, outcomes: list[Outcome], table: str, rng
                 row["speedup"] = speedup(law, budget, losses)
                 row["interval"] = speedup_interval(laws, budget, losses, rng, cfg.confidence)
                 d_eq = law.budget_for(mean_loss(losses))
-                row["extrapolated"] = bool(d_eq > 0 and not lo_b <= d_eq <= hi_b)
+                row["extrapolated"] = name != cfg.baseline and bool(d_eq > 0 and not lo_b <= d_eq <= hi_b)
             if target is not None:
                 reach = [steps_to_target(r.evals, target) for r in results if r.status == "ok"]
                 steps = [x[0] for x in reach if x is not None]

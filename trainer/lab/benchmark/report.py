@@ -190,7 +190,7 @@ def plot_speedups(result: dict, baseline: str, path: Path) -> None:
         ax.axhline(1.0, color="black", linewidth=1)
         ax.set_xscale("log")
         ax.set(xlabel="budget (tokens per parameter)", ylabel=f"speedup over {baseline} (data saved)",
-               title=f"{TITLES[table]} ({int(100 * result.get('confidence', 0.95))}% bootstrap intervals)")  # fmt: skip
+               title=f"{TITLES[table]} ({result.get('confidence', 0.95):.0%} intervals, capped at 10)")  # fmt: skip
         ax.grid(alpha=0.3, which="both")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="x-small")
@@ -223,13 +223,14 @@ def render(cfg: BenchmarkConfig, result: dict, header: dict) -> str:
         f"{b} included**, at the size's tuning budget with seed {cfg.tune_seed}. **Confirmation:** the tuned "
         f"configuration at every budget with seeds {list(cfg.seeds)} (fresh seeds), and the defaults beside it. "
         f"**Speedup** = the data {b} would need to reach an optimizer's mean final loss, over the optimizer's data, "
-        f"from {b}'s fitted curve; {int(100 * cfg.confidence)}% percentile bootstrap over seeds "
-        f"({cfg.bootstrap} replicates). A failed or diverged seed counts as an infinite loss. Welch p-values "
+        f"from {b}'s fitted curve; {int(100 * cfg.confidence)}% intervals from a parametric bootstrap over seeds "
+        f"(each mean drawn as mean + sem·t(seeds - 1), {cfg.bootstrap} replicates; \"extrap.\": outside {b}'s "
+        f"budgets). A failed or diverged seed counts as an infinite loss. Welch p-values "
         f"against {b} at each budget are Holm-corrected across the optimizers (alpha {cfg.alpha}).\n"
     )  # fmt: skip
     rows = []
     for s, size in zip(result["sizes"], cfg.sizes, strict=True):
-        steps = ", ".join(f"{x:g}" for x in s["budgets"])
+        steps = ", ".join(f"{x:g}" for x in sorted(size.budgets))
         rows.append([s["name"], f"{s['params']:,}", " ".join(size.model), steps,
                      ", ".join(f"{x:g}" for x in size.baseline_budgets) or "none", f"{tune_budget(size):g}",
                      str(s["tokens_per_step"])])  # fmt: skip
