@@ -47,8 +47,8 @@ def tuning_summary(o: Outcome) -> dict:
     statuses = _counts(r for _, r in o.tune_runs)
     axes = [{"key": a.key, "default": s.defaults[a.key], "tuned": t.best[a.key] if t else None,
              "status": t.status[a.key] if t else "unsearched"} for a in s.axes]  # fmt: skip
-    trials = [{"values": j.hparams, "loss": r.loss if math.isfinite(r.loss) else None, "status": r.status}
-              for j, r in o.tune_runs]  # fmt: skip
+    trials = [{"values": j.hparams, "loss": r.loss if math.isfinite(r.loss) else None, "status": r.status,
+               "reason": r.reason, "path": str(r.path)} for j, r in o.tune_runs]  # fmt: skip
     return {"optimizer": s.optimizer, "trials": len(o.tune_runs), "finished": t is not None, "runs": statuses,
             "best_loss": t.best_loss if t and math.isfinite(t.best_loss) else None, "axes": axes,
             "history": trials}  # fmt: skip

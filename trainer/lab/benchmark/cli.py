@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None, launcher: Callable[[Path], Launcher] | N
         if not args.report_only:
             if plan.runs:
                 prepare(sets)  # tokenise each corpus once (the probe and every job read the cache)
-            step_s = step_seconds(cfg, outcomes, out, probe=not args.no_probe and plan.runs > 0)
+            step_s = step_seconds(cfg, bench.collect(outcomes), out, probe=not args.no_probe and plan.runs > 0)
             seconds = estimate_seconds(cfg, plan, outcomes, step_s)
             total = sum(plan.total.values())
             print(f"{plan.runs} runs to go of {total} (tuning {plan.todo['tune']}, tuned {plan.todo['tuned']}"

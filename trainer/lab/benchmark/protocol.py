@@ -83,11 +83,14 @@ class Benchmark:
         if self.bar is not None:
             self.bar.set_postfix(phase=phase, failed=self.failures)
         start = time.time()
-        self.launcher.run(todo, self.runs_dir, self._done)
-        entry = {"phase": phase, "runs": len(todo), "wall_s": round(time.time() - start, 1),
-                 "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start))}  # fmt: skip
-        with open(self.out / "ledger.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        try:
+            self.launcher.run(todo, self.runs_dir, self._done)
+        finally:  # an interrupted launch used the machine too
+            entry = {"phase": phase, "runs": len(todo), "wall_s": round(time.time() - start, 1),
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start))}  # fmt: skip
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "ledger.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
 
     def _done(self, job: Job) -> None:
         if self.result(job).status != "ok":

@@ -119,7 +119,8 @@ def failures(result: dict) -> list[list[str]]:
             for h in t["history"]:
                 if h["status"] not in ("ok", "pending"):
                     vals = ", ".join(f"{_short(k)}={v:.4g}" for k, v in h["values"].items())
-                    rows.append([s["name"], "tuning", t["optimizer"], "", "", h["status"], vals])
+                    rows.append([s["name"], "tuning", t["optimizer"], "", "", h["status"],
+                                 f"{vals}: {h['reason']} ({h['path']})"])  # fmt: skip
         for table, tab in s["tables"].items():
             for r in tab["rows"]:
                 for seed in r["seeds"]:
