@@ -28,6 +28,10 @@ State per parameter: `step` (a float32 CPU scalar tensor, as in torch.optim.Adam
 Cost: nine foreach ops and two temporary lists alive one at a time (g - m, then the denominator),
 about 25 passes over parameter-sized memory against the 7 of one fused AdamW kernel. The gradients are
 not modified. Every op has a DTensor rule, so it runs on FSDP2's sharded parameters unchanged.
+
+Fused step (`fused=True`, optim/fused.py): `_adabelief_kernel`, the same ops compiled into one loop per
+tensor (reads p, g, m, s; writes p, m, s: 7 passes, as fused AdamW), bit-identical to the foreach step on
+a CPU.
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ from typing import Any
 
 import torch
 
-from optim import checks
+from optim import checks, fused
 from optim._foreach import CheckedOptimizer
-from optim.builder import VERIFIED, BuildContext, OptimizerConfig, param_groups, per_param, register
+from optim.builder import VERIFIED, BuildContext, param_groups, per_param, register
 from optim.stats import Reducer, StatsContext
 from optim.torch_optimizers import adam_moment_stats
 
@@ -56,8 +60,11 @@ class AdaBelief(CheckedOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-16,
         weight_decay: float = 0.0,
+        *,
+        fused: bool = False,
     ):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.fused = fused  # the compiled step (not a group value: a checkpoint resumes either way)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -87,8 +94,9 @@ class AdaBelief(CheckedOptimizer):
                 ss.append(state["exp_avg_var"])
 
             beta1, beta2 = group["betas"]
+            update = _adabelief_fused if self.fused else _adabelief_foreach
             for (_, _, step), (ps, gs, ms, ss) in buckets.items():
-                _adabelief_foreach(
+                update(
                     ps, gs, ms, ss, step=step, lr=group["lr"], beta1=beta1, beta2=beta2,
                     eps=group["eps"], weight_decay=group["weight_decay"],
                 )  # fmt: skip
@@ -129,11 +137,34 @@ def _adabelief_foreach(
     torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr * bias_correction2_sqrt / bias_correction1)
 
 
+def _adabelief_kernel(p, g, m, s, decay, interp, beta2, one_minus_beta2, eps, denom_eps, step):
+    """The foreach step above for one tensor, rounded as ATen rounds it (optim/fused.py)."""
+    p_decayed = p * decay
+    m_new = fused.lerp(m, g, interp)
+    diff = g - m_new
+    s_new = fused.addcmul(s * beta2, diff, diff, one_minus_beta2) + eps
+    m.copy_(m_new)
+    s.copy_(s_new)
+    p.copy_(fused.addcdiv(p_decayed, m_new, s_new.sqrt() + denom_eps, step))
+
+
+_ADABELIEF = fused.Kernel(_adabelief_kernel)
+
+
+def _adabelief_fused(params, grads, exp_avgs, exp_avg_vars, *, step: float, lr: float, beta1: float, beta2: float,
+                     eps: float, weight_decay: float) -> None:  # fmt: skip
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    args = fused.scalars(1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps, eps * bias_correction2_sqrt,
+                         -lr * bias_correction2_sqrt / (1.0 - beta1**step))  # fmt: skip
+    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    fused.run(_ADABELIEF, _adabelief_foreach, [params, grads, exp_avgs, exp_avg_vars], args, **hp)
+
+
 # ---- registration in the trainer's optimizer zoo ---------------------------------------------------
 
 
 @dataclass
-class AdaBeliefConfig(OptimizerConfig):
+class AdaBeliefConfig(fused.FusedConfig):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-16
 
@@ -164,4 +195,7 @@ def adabelief_stats(ctx: StatsContext, out: Reducer) -> None:
                   "optimizer.betas.0": "interval(0.8, 0.95)", "optimizer.betas.1": "interval(0.9, 0.999)"},
 )  # fmt: skip
 def _build(model: torch.nn.Module, cfg: AdaBeliefConfig, ctx: BuildContext) -> AdaBelief:
-    return AdaBelief(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return AdaBelief(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+        fused=fused.resolve(cfg, model.parameters(), ctx, "adabelief"),
+    )  # fmt: skip

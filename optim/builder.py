@@ -75,6 +75,7 @@ class BuildContext:
     global_batch: int = 1  # sequences per optimizer step (micro x accum x world)
     tokens_per_step: int = 1
     warmup_steps: int = 0  # schedule.warmup_steps, for optimizers that warm up themselves
+    max_steps: int | None = None  # trainer.max_steps: whether compiling a fused step pays (optim/fused.py)
 
 
 @dataclass(frozen=True)

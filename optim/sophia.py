@@ -41,6 +41,10 @@ Cost: a step is seven foreach ops per bucket (decay mul_, lerp_, mul, add_, abs,
 about 16 parameter-sized memory passes against fused AdamW's 7 (one kernel); update_hessian adds about 12
 passes every k steps. Unfused multi-tensor ops cannot go much lower (the clip needs its own
 temporary); only a fused kernel (e.g. torch.compile of the same maths) reaches AdamW's cost.
+
+Fused step (`fused=True`, optim/fused.py): `_sophia_kernel` and `_hessian_kernel`, the same ops compiled
+into one loop per tensor (a step reads p, g, m, h and writes p, m: 6 passes; a Hessian refresh reads g, h
+and writes h: 3), bit-identical to the foreach step on a CPU.
 """
 
 from __future__ import annotations
@@ -54,9 +58,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
 
-from optim import checks
+from optim import checks, fused
 from optim._foreach import CheckedOptimizer
-from optim.builder import VERIFIED, BuildContext, HookContext, OptimizerConfig, param_groups, per_param, register
+from optim.builder import VERIFIED, BuildContext, HookContext, param_groups, per_param, register
 from optim.stats import Reducer, StatsContext, local
 
 _EPS = 1e-15  # the reference's constant in the denominator
@@ -73,6 +77,8 @@ class SophiaG(CheckedOptimizer):
         rho: float = 0.04,
         weight_decay: float = 0.1,
         bs: int = 5120,
+        *,
+        fused: bool = False,
     ):
         if not rho >= 0.0:
             raise ValueError(f"Invalid rho {rho!r}: it must be >= 0.")
@@ -80,6 +86,7 @@ class SophiaG(CheckedOptimizer):
             raise ValueError(f"Invalid bs {bs!r}: the tokens per optimizer step must be > 0.")
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, bs=bs)
         super().__init__(params, defaults)  # checks lr, betas and weight_decay
+        self.fused = fused  # the compiled step (not a group value: a checkpoint resumes either way)
 
     @staticmethod
     def _init_state(p: torch.Tensor, state: dict) -> None:
@@ -103,8 +110,10 @@ class SophiaG(CheckedOptimizer):
             if not params:
                 continue
             for (_, _), ((hs, gs), _) in Optimizer._group_tensors_by_device_and_dtype([hessians, grads]).items():
-                torch._foreach_mul_(hs, beta2)
-                torch._foreach_addcmul_(hs, gs, gs, value=1.0 - beta2)
+                if self.fused:
+                    fused.run(_HESSIAN, _hessian_foreach, [hs, gs], fused.scalars(beta2, 1.0 - beta2), beta2=beta2)
+                else:
+                    _hessian_foreach(hs, gs, beta2=beta2)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -128,18 +137,46 @@ class SophiaG(CheckedOptimizer):
 
             torch._foreach_add_(steps, 1.0)
             grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, hessians])
+            hp = dict(lr=lr, beta1=beta1, weight_decay=wd, scale=scale)
             for (_, _), ((ps, gs, ms, hs), _) in grouped.items():
-                if wd != 0:
-                    torch._foreach_mul_(ps, 1.0 - lr * wd)
-                torch._foreach_lerp_(ms, gs, 1.0 - beta1)
-                # d = rho * bs * h + 1e-15 (the reference's order: h * scale, then + eps), then
-                # sign(m) * min(|m| / d, 1) == m / max(d, |m|) since d > 0, applied by one addcdiv.
-                den = torch._foreach_mul(hs, scale)
-                torch._foreach_add_(den, _EPS)
-                torch._foreach_maximum_(den, torch._foreach_abs(ms))
-                torch._foreach_addcdiv_(ps, ms, den, value=-lr)
-                del den
+                if self.fused:
+                    args = fused.scalars(1.0 - lr * wd, 1.0 - beta1, scale, _EPS, -lr)
+                    fused.run(_SOPHIA, _sophia_foreach, [ps, gs, ms, hs], args, **hp)
+                else:
+                    _sophia_foreach(ps, gs, ms, hs, **hp)
         return loss
+
+
+def _sophia_foreach(ps, gs, ms, hs, *, lr: float, beta1: float, weight_decay: float, scale: float) -> None:
+    if weight_decay != 0:
+        torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+    # d = rho * bs * h + 1e-15 (the reference's order: h * scale, then + eps), then
+    # sign(m) * min(|m| / d, 1) == m / max(d, |m|) since d > 0, applied by one addcdiv.
+    den = torch._foreach_mul(hs, scale)
+    torch._foreach_add_(den, _EPS)
+    torch._foreach_maximum_(den, torch._foreach_abs(ms))
+    torch._foreach_addcdiv_(ps, ms, den, value=-lr)
+
+
+def _hessian_foreach(hs, gs, *, beta2: float) -> None:
+    torch._foreach_mul_(hs, beta2)
+    torch._foreach_addcmul_(hs, gs, gs, value=1.0 - beta2)
+
+
+def _sophia_kernel(p, g, m, h, decay, interp, scale, eps, step):
+    """_sophia_foreach for one tensor, rounded as ATen rounds it (optim/fused.py)."""
+    m_new = fused.lerp(m, g, interp)
+    m.copy_(m_new)
+    p.copy_(fused.addcdiv(p * decay, m_new, torch.maximum(h * scale + eps, m_new.abs()), step))
+
+
+def _hessian_kernel(h, g, beta2, one_minus_beta2):
+    h.copy_(fused.addcmul(h * beta2, g, g, one_minus_beta2))
+
+
+_SOPHIA = fused.Kernel(_sophia_kernel)
+_HESSIAN = fused.Kernel(_hessian_kernel)
 
 
 def gnb_hessian_update(
@@ -200,7 +237,7 @@ def gnb_hessian_update(
 
 
 @dataclass
-class SophiaConfig(OptimizerConfig):
+class SophiaConfig(fused.FusedConfig):
     betas: list[float] = field(default_factory=lambda: [0.965, 0.99])
     rho: float = 0.04
     hessian_interval: int = 10  # k: steps between Gauss-Newton-Bartlett refreshes
@@ -256,5 +293,5 @@ def sophia_stats(ctx: StatsContext, out: Reducer) -> None:
 def _build(model: nn.Module, cfg: SophiaConfig, ctx: BuildContext) -> SophiaG:
     return SophiaG(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), rho=cfg.rho,
-        bs=ctx.tokens_per_step,
+        bs=ctx.tokens_per_step, fused=fused.resolve(cfg, model.parameters(), ctx, "sophia"),
     )  # fmt: skip

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from optim import checks
+from optim import checks, fused
 from optim.builder import VERIFIED, BuildContext, OptimizerConfig, numel, param_groups, per_param, refused, register
 from optim.combined import CombinedOptimizer
 from optim.stats import Reducer, StatsContext, local
@@ -316,7 +316,7 @@ def _adafactor(model: nn.Module, cfg: AdafactorConfig, ctx: BuildContext) -> tor
 
 
 @dataclass
-class MuonConfig(OptimizerConfig):
+class MuonConfig(fused.FusedConfig):  # fused: the elementwise work around Newton-Schulz (optim/muon_fused.py)
     momentum: float = 0.95
     nesterov: bool = True
     ns_steps: int = 5
@@ -401,7 +401,10 @@ def _muon(model: nn.Module, cfg: MuonConfig, ctx: BuildContext) -> torch.optim.O
     hidden = muon_params(model)
     hidden_ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden_ids]
-    muon = torch.optim.Muon(
+    from optim.muon_fused import FusedMuon
+
+    muon_class = FusedMuon if fused.resolve(cfg, hidden, ctx, "muon") else torch.optim.Muon
+    muon = muon_class(
         hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
         eps=cfg.eps, ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn,
     )  # fmt: skip

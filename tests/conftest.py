@@ -44,6 +44,20 @@ def corpus_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def inductor_cache(tmp_path_factory):
+    """One Inductor cache directory for the session (unless TORCHINDUCTOR_CACHE_DIR is set): each compiled
+    optimizer step (optim/fused.py) compiles cold once, and later processes (torchrun workers, trainer
+    runs) that inherit the environment load it warm."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        yield Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        return
+    path = tmp_path_factory.mktemp("inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    yield path
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+
+
 def tiny_overrides(tmp_path: Path, corpus: Path, extra: dict | None = None) -> list[str]:
     """A 2-layer model on the generated corpus: a few seconds per run on CPU."""
     base = {

@@ -72,11 +72,11 @@ class Case:
     refused: str | None  # the one-line start-up refusal under this strategy, or None
 
 
-def make_case(name: str, strategy: str) -> Case:
+def make_case(name: str, strategy: str, settings: list[str] = ()) -> Case:
     overrides = {
         **MODEL, "optimizer": name, **EXTRA.get(name, {}), "trainer.precision": "fp32", "trainer.device": "cpu",
         "trainer.micro_batch_size": BATCH // 2, "schedule": "constant", "schedule.warmup_steps": 0,
-        "distributed": strategy, "distributed.param_dtype": "fp32",
+        "distributed": strategy, "distributed.param_dtype": "fp32", **dict(kv.split("=", 1) for kv in settings),
     }  # fmt: skip
     cfg = OmegaConf.to_object(compose_cfg([f"{k}={v}" for k, v in overrides.items()]))
     return Case(name, cfg, fsdp_errors(cfg.optimizer) if strategy == "fsdp" else None)
@@ -247,6 +247,7 @@ def main() -> None:
     parser.add_argument("strategy", choices=("ddp", "fsdp"))
     parser.add_argument("--only", nargs="*", help="optimizer names (default: all, and adamw+lookahead)")
     parser.add_argument("--run-refused", action="store_true", help="measure those refused at start-up too")
+    parser.add_argument("--set", nargs="*", default=[], help="KEY=VALUE overrides of every case (optimizer.fused=true)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     d = setup(args.strategy, "gloo", 120, CPU)
@@ -254,7 +255,7 @@ def main() -> None:
     names = args.only or [*sorted(load_all()), LOOKAHEAD]
     for name in names:
         start = time.perf_counter()
-        case = make_case(name, args.strategy)
+        case = make_case(name, args.strategy, args.set)
         try:
             result = {} if case.refused and not args.run_refused else compare(case, d, batches)
         except Exception as e:  # a failure is a result too (every rank fails alike, so nobody hangs)

@@ -152,20 +152,27 @@ def reference():
     return run(lambda groups: bnb.optim.AdamW8bit(groups, **KW))
 
 
-@pytest.mark.parametrize("chunk_numel", [AdamW8bit.chunk_numel, 700])
-def test_bit_identical_to_bitsandbytes_with_its_cpu_rounding(reference, chunk_numel):
+@pytest.mark.parametrize("chunk_numel, fused", [(AdamW8bit.chunk_numel, False), (700, False), (None, True)],
+                         ids=["eager", "eager-chunk700", "fused"])  # fmt: skip
+def test_bit_identical_to_bitsandbytes_with_its_cpu_rounding(reference, chunk_numel, fused, inductor_cache):
     """With rounding="bnb_cpu" every parameter and every state tensor equals bitsandbytes' after 50
-    steps, bit for bit (stronger than rtol=1e-5). chunk_numel=700 splits parameters across chunks."""
+    steps, bit for bit (stronger than rtol=1e-5). chunk_numel=700 splits parameters across chunks. The
+    fused step's state is bit for bit too; its 8-bit parameters take a correctly rounded square root where
+    torch's eager one (which bitsandbytes' CPU step uses) is 1 ulp off on ~0.7% of elements, so they are
+    held to 1e-6 (measured: 2.4e-7 after 50 steps)."""
 
     def factory(groups):
-        opt = AdamW8bit(groups, rounding="bnb_cpu", **KW)
+        opt = AdamW8bit(groups, rounding="bnb_cpu", **KW, fused=fused)
         opt.chunk_numel = chunk_numel
         return opt
 
     mine, opt = run(factory)
     ref, ref_opt = reference
     for a, b in zip(mine, ref, strict=True):
-        assert torch.equal(a, b), a.shape
+        if fused and a.numel() >= 4096:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(a, b), a.shape
     params = [p for group in opt.param_groups for p in group["params"]]
     ref_params = [p for group in ref_opt.param_groups for p in group["params"]]
     for p, q in zip(params, ref_params, strict=True):
@@ -229,10 +236,12 @@ def test_tracks_float32_adamw_on_least_squares():
     assert float(((mine - ref).abs() / ref).max()) < 0.03  # measured 1.1%
 
 
-def test_resume_is_bit_identical_through_torch_save():
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_resume_is_bit_identical_through_torch_save(fused, inductor_cache):
     def fresh():
         decay, no_decay = make_params()
-        opt = AdamW8bit([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}])
+        groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = AdamW8bit(groups, fused=fused)
         return decay + no_decay, opt
 
     def steps(params, opt, seed, n):

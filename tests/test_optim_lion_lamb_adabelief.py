@@ -1,5 +1,7 @@
 """Lion, LAMB and AdaBelief (optim/lion.py, optim/lamb.py, optim/adabelief.py) beside their reference
-implementations (lion-pytorch, pytorch_optimizer), exact resume, and hyperparameter checks."""
+implementations (lion-pytorch, pytorch_optimizer), exact resume, and hyperparameter checks. Every
+reference test runs on both steps: the foreach one (fused=False) and the compiled one (fused=True,
+optim/fused.py; tests/test_fused_optimizers.py compares the two directly)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ STEPS = 60
 DECAY_SHAPES = [(16, 24), (4, 8, 6), (7,)]
 NO_DECAY_SHAPES = [(7,), (24,)]
 RTOL, ATOL = 1e-6, 1e-6  # measured worst case: 4.8e-7 absolute (LAMB), 1.2e-7 (AdaBelief), 0 (Lion)
+FUSED = pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+pytestmark = pytest.mark.usefixtures("inductor_cache")  # the fused cases compile once per session
 
 
 @pytest.fixture(autouse=True)
@@ -95,12 +99,13 @@ def run_side_by_side(ours_opt, ours, ref_opt, ref, base_lr: float, before_ref_st
 # Beside the references
 
 
+@FUSED
 @pytest.mark.parametrize("weight_decay", [0.0, 0.5])
-def test_lion_matches_lion_pytorch(weight_decay):
+def test_lion_matches_lion_pytorch(weight_decay, fused):
     ours = make_params()
     ref = clone_params(ours)
     hp = dict(lr=3e-3, betas=(0.9, 0.99))
-    ours_opt = Lion(param_groups(ours, weight_decay), **hp)
+    ours_opt = Lion(param_groups(ours, weight_decay), **hp, fused=fused)
     # use_triton=False: the plain PyTorch update; decoupled_weight_decay=False: p *= 1 - lr * wd (the paper's).
     ref_opt = reference("lion_pytorch").Lion(
         param_groups(ref, weight_decay), **hp, use_triton=False, decoupled_weight_decay=False
@@ -114,13 +119,14 @@ def test_lion_matches_lion_pytorch(weight_decay):
         torch.testing.assert_close(ours_opt.state[p]["exp_avg"], ref_opt.state[q]["exp_avg"], rtol=RTOL, atol=ATOL)
 
 
+@FUSED
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("eps", [1e-6, 1e-2])
-def test_adabelief_matches_pytorch_optimizer(weight_decay, eps):
+def test_adabelief_matches_pytorch_optimizer(weight_decay, eps, fused):
     ours = make_params()
     ref = clone_params(ours)
     hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=eps)
-    ours_opt = AdaBelief(param_groups(ours, weight_decay), **hp)
+    ours_opt = AdaBelief(param_groups(ours, weight_decay), **hp, fused=fused)
     # weight_decouple=True, fixed_decay=False: p *= 1 - lr * wd; rectify=False: no RAdam rectification;
     # ams_bound=False: no running max of s. (maximize=False and no adanorm by default.)
     ref_opt = reference("pytorch_optimizer").AdaBelief(
@@ -134,9 +140,10 @@ def test_adabelief_matches_pytorch_optimizer(weight_decay, eps):
         )
 
 
+@FUSED
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("grad_scale", [1.0, 1e-5])  # 1e-5: sqrt(v) ~ eps, so where eps enters matters
-def test_lamb_matches_pytorch_optimizer(weight_decay, grad_scale):
+def test_lamb_matches_pytorch_optimizer(weight_decay, grad_scale, fused):
     """pytorch_optimizer.Lamb computes r' = m / (sqrt(v) + eps') + wd' * p without bias corrections and
     steps p -= lr * ||p|| / (||r'|| + eps') * r'. The paper's r is c * (m / (sqrt(v) + eps * sqrt(bc2))
     + (wd / c) * p) with c = sqrt(bc2) / bc1, and the trust-ratio step is invariant to the scale of r; so
@@ -146,7 +153,7 @@ def test_lamb_matches_pytorch_optimizer(weight_decay, grad_scale):
     ref = clone_params(ours)
     eps = 1e-6
     hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=eps)
-    ours_opt = Lamb(param_groups(ours, weight_decay), **hp)
+    ours_opt = Lamb(param_groups(ours, weight_decay), **hp, fused=fused)
     # weight_decouple=False: wd * p inside r (the paper's); adam=False: apply the trust ratio;
     # pre_norm=False: no global gradient rescaling; grad_averaging=True: m uses (1 - beta1) * g;
     # rectify=False: no RAdam rectification; adam_debias=True: step size lr (not lr / bc1).
@@ -193,15 +200,16 @@ def paper_lamb_step(params, grads, state, *, lr, betas, eps, weight_decay):
         p.data.copy_(x - lr * trust * r)
 
 
+@FUSED
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_lamb_matches_the_paper_literally(weight_decay):
+def test_lamb_matches_the_paper_literally(weight_decay, fused):
     """Against Algorithm 2 written out per tensor, with a zero-initialised bias (trust ratio 1 on its
     first step) and one parameter that has no gradient on some steps (so its own step count and bias
     corrections lag behind the others' in the same group)."""
     ours = make_params(seed=5, zero_last=True)
     ref = clone_params(ours)
     hp = dict(betas=(0.9, 0.999), eps=1e-3)
-    opt = Lamb(param_groups(ours, weight_decay), lr=1e-2, **hp)
+    opt = Lamb(param_groups(ours, weight_decay), lr=1e-2, **hp, fused=fused)
     run_with_gaps(opt, ours, ref, paper_lamb_step, hp, weight_decay)
     assert opt.state[ours[1][0]]["step"].item() == STEPS - STEPS // 3
 
@@ -247,13 +255,14 @@ def paper_adabelief_step(params, grads, state, *, lr, betas, eps, weight_decay):
         p.data.copy_(x - lr / (1 - beta1**t) * st["m"] / denom)
 
 
-def test_adabelief_matches_the_paper_with_per_tensor_steps():
+@FUSED
+def test_adabelief_matches_the_paper_with_per_tensor_steps(fused):
     """A parameter that misses steps keeps its own bias corrections (the reference counts steps per group,
     so this is checked against the algorithm written out per tensor)."""
     ours = make_params(seed=6)
     ref = clone_params(ours)
     hp = dict(betas=(0.9, 0.999), eps=1e-3)
-    opt = AdaBelief(param_groups(ours, 0.1), lr=1e-2, **hp)
+    opt = AdaBelief(param_groups(ours, 0.1), lr=1e-2, **hp, fused=fused)
     run_with_gaps(opt, ours, ref, paper_adabelief_step, hp, 0.1)
     assert opt.state[ours[1][0]]["step"].item() == STEPS - STEPS // 3
 
@@ -276,9 +285,11 @@ def train(opt, groups, steps, start=0):
         opt.step()
 
 
+@FUSED
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_resume_is_bit_exact(name, tmp_path):
+def test_resume_is_bit_exact(name, tmp_path, fused):
     cls, hp = OPTIMIZERS[name]
+    hp = {**hp, "fused": fused}
     n = 10
     straight = make_params(seed=7, zero_last=True)
     resumed = clone_params(straight)
@@ -307,9 +318,11 @@ def test_resume_is_bit_exact(name, tmp_path):
             assert torch.equal(value, new_state[k][key]), (k, key)
 
 
+@FUSED
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_skips_params_without_grad_and_leaves_grads_untouched(name):
+def test_skips_params_without_grad_and_leaves_grads_untouched(name, fused):
     cls, hp = OPTIMIZERS[name]
+    hp = {**hp, "fused": fused}
     groups = make_params()
     frozen = groups[0][0]  # in the decay group: not even decayed while it has no gradient
     opt = cls(param_groups(groups, 0.1), **hp)

@@ -122,12 +122,13 @@ def run_sophia(opt, params, steps: range, k: int = 5, lr0: float = 1e-2):
             p.grad = None
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
 @pytest.mark.parametrize("wd", [0.0, 0.1])
-def test_sophia_matches_reference_update_rule(wd):
+def test_sophia_matches_reference_update_rule(wd, fused, inductor_cache):
     ours_p, ref_p = make_params(), make_params()
     # rho * bs = 4 with unit-scale grads puts the clip boundary |m| = rho*bs*h in the bulk of the data.
     hp = dict(lr=1e-2, betas=(0.965, 0.99), rho=0.04, bs=100)
-    ours = SophiaG(groups(ours_p, wd), **hp)
+    ours = SophiaG(groups(ours_p, wd), **hp, fused=fused)
     ref = RefSophiaG(groups(ref_p, wd), **hp)
     run_sophia(ours, ours_p, range(50))
     run_sophia(ref, ref_p, range(50))
@@ -146,9 +147,10 @@ def test_sophia_matches_reference_update_rule(wd):
     assert 0.05 < (ratios >= 1).float().mean() < 0.95
 
 
-def test_sophia_resume_is_exact():
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_sophia_resume_is_exact(fused, inductor_cache):
     n, k = 13, 5  # stop between Hessian refreshes
-    hp = dict(lr=1e-2, rho=0.04, bs=100, weight_decay=0.1)
+    hp = dict(lr=1e-2, rho=0.04, bs=100, weight_decay=0.1, fused=fused)
     p_full = make_params()
     full = SophiaG(groups(p_full, 0.1), **hp)
     run_sophia(full, p_full, range(2 * n), k)
