@@ -537,5 +537,5 @@ def _build(model: torch.nn.Module, cfg: AdamW8bitConfig, ctx: BuildContext) -> A
     return AdamW8bit(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
         block_size=cfg.block_size, min_8bit_size=cfg.min_8bit_size,
-        fused=fused.resolve(cfg, model.parameters(), ctx, "adamw8bit", faster_on_cpu=False),
+        fused=fused.resolve(cfg, model.parameters(), ctx, "adamw8bit", saved_s_per_param=0.0),
     )  # fmt: skip

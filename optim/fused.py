@@ -27,7 +27,7 @@ numbers. Under FSDP the kernels run on each rank's local shard (`local`): elemen
 same on a shard.
 
 `auto` compiles when it pays for itself: on a CPU with a C++ compiler, when the time the compiled step
-saves over the run (measured per parameter per step, `SAVED_S_PER_PARAM`) exceeds a cold compile
+saves over the run (per parameter per step, `SAVED_S_PER_PARAM`, measured) exceeds a cold compile
 (`COLD_COMPILE_S`); the run length is `BuildContext.max_steps` (unknown: decided by the model size,
 `LARGE_MODEL`). Elsewhere (CUDA, MPS) auto stays eager until the fused step is measured there
 (`scripts/bench_optimizers.py --device cuda --fused true`). One log line says what was chosen and why.
@@ -54,10 +54,11 @@ log = logging.getLogger(__name__)
 
 CHOICES = ("auto", "true", "false")
 
-# Measured with scripts/bench_optimizers.py on model=gpt2 (124M), CPU, 2 threads (docs/optimizers.md):
-# the smallest time per parameter per step that a compiled step saved over its eager one (Lion's), and
-# the slowest cold compile of one optimizer's kernels (an empty Inductor cache).
-SAVED_S_PER_PARAM = 0.8e-9
+# Measured with scripts/bench_optimizers.py on model=gpt2 (124M), CPU (docs/optimizers.md): about the
+# smallest time per parameter per step that a compiled step saved over its eager one (LAMB's, 0.6 ns; the
+# others save 2-10x more), and above the slowest cold compile of one optimizer's kernels (an empty
+# Inductor cache, on a busy 2-core machine: 20-40 s).
+SAVED_S_PER_PARAM = 0.5e-9
 COLD_COMPILE_S = 60.0
 LARGE_MODEL = 20_000_000  # parameters; with no run length, auto compiles from this size on
 
@@ -87,11 +88,11 @@ def _has_cpp_compiler() -> bool:
         return False
 
 
-def _auto(numel: int, ctx: BuildContext, faster_on_cpu: bool) -> tuple[bool, str]:
+def _auto(numel: int, ctx: BuildContext, saved_s_per_param: float) -> tuple[bool, str]:
     device = ctx.device.type
     if device != "cpu":
         return False, f"auto: the compiled step is not measured on {device} yet (optimizer.fused=true tries it)"
-    if not faster_on_cpu:
+    if saved_s_per_param <= 0:
         return False, "auto: on a CPU this optimizer's compiled step is not faster than its eager one (measured)"
     if not _has_cpp_compiler():
         return False, "auto: no C++ compiler for torch.compile on this machine"
@@ -100,16 +101,17 @@ def _auto(numel: int, ctx: BuildContext, faster_on_cpu: bool) -> tuple[bool, str
         big = numel >= LARGE_MODEL
         return big, (f"auto: run length unknown; {numel / 1e6:.1f}M parameters is "
                      f"{'at least' if big else 'under'} {LARGE_MODEL / 1e6:.0f}M")  # fmt: skip
-    saved = steps * numel * SAVED_S_PER_PARAM
+    saved = steps * numel * saved_s_per_param
     pays = saved > COLD_COMPILE_S
     return pays, (f"auto: {numel / 1e6:.1f}M parameters x {steps} steps save ~{saved:.0f} s, "
                   f"{'more' if pays else 'less'} than a cold compile (~{COLD_COMPILE_S:.0f} s)")  # fmt: skip
 
 
 def resolve(cfg: FusedConfig, params: Sequence[Tensor], ctx: BuildContext, name: str, *,
-            faster_on_cpu: bool = True) -> bool:  # fmt: skip
+            saved_s_per_param: float = SAVED_S_PER_PARAM) -> bool:  # fmt: skip
     """Whether optimizer `name` takes its compiled step, from optimizer.fused; logs the choice and why.
-    faster_on_cpu=False: auto never compiles on a CPU (the optimizer measured its compiled step slower)."""
+    saved_s_per_param: what the compiled step saves per parameter per step on a CPU (0: auto never
+    compiles there, the optimizer measured its compiled step slower)."""
     choice = str(cfg.fused).lower()
     numel = sum(p.numel() for p in params)
     if choice == "true":
@@ -120,7 +122,7 @@ def resolve(cfg: FusedConfig, params: Sequence[Tensor], ctx: BuildContext, name:
     elif choice == "false":
         fused, why = False, "optimizer.fused=false"
     else:
-        fused, why = _auto(numel, ctx, faster_on_cpu)
+        fused, why = _auto(numel, ctx, saved_s_per_param)
     how = "compiled (one torch.compile kernel per tensor)" if fused else "eager (foreach ops)"
     log.info("optimizer=%s step: %s; %s", name, how, why)
     return fused

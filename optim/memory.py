@@ -22,7 +22,8 @@ def state_report(model: nn.Module, cfg: OptimizerConfig, seq_len: int = 32, batc
     """Build the optimizer for `model`, take one real step (and the optimizer's hook, e.g. Sophia's
     Hessian refresh, so that every state exists), then count the state's tensor bytes."""
     device = next(model.parameters()).device
-    ctx = BuildContext(device, global_batch=batch, tokens_per_step=batch * seq_len)
+    # One step: optimizer.fused=auto never compiles for it (the state is the same either way).
+    ctx = BuildContext(device, global_batch=batch, tokens_per_step=batch * seq_len, max_steps=1)
     optimizer = build_optimizer(model, cfg, ctx)
     vocab = model.config.vocab_size
 

@@ -212,7 +212,7 @@ def test_auto_compiles_when_the_saving_outweighs_a_cold_compile(caplog):
     assert "save" in caplog.text and "cold compile" in caplog.text
     assert not choice(800_000, cpu(2000))  # model=nano: never pays in a CPU run
     assert choice(big, cpu(None)) and not choice(800_000, cpu(None))  # run length unknown: by size
-    assert not choice(big, cpu(10**6), faster_on_cpu=False)  # adamw8bit on a CPU
+    assert not choice(big, cpu(10**6), saved_s_per_param=0.0)  # adamw8bit on a CPU
     assert not choice(big, BuildContext(torch.device("meta"), max_steps=10**6))  # not measured there
     assert "not measured on meta" in caplog.text
     assert choice(10, cpu(1), "true") and not choice(big, cpu(10**6), "false")
