@@ -1,39 +1,65 @@
-"""Training throughput of a config: prints one JSON line with tokens/s and ms/step.
+"""Training speed: one config's throughput, our loop against a minimal hand-written one, and compilation.
 
-    python scripts/bench.py                                # the default (model=nano, bf16) on this machine
+    python scripts/bench.py                                # one JSON line: tokens/s and ms/step of the default
     python scripts/bench.py model=gpt2 trainer.micro_batch_size=8 --steps 20
     python scripts/bench.py trainer.precision=fp32 --steps 50 --warmup 10
 
-Positional arguments are the same Hydra overrides train.py takes. Only optimizer steps are timed
-(data loading included, evaluation and checkpoints not); the first --warmup steps are not timed.
+    # The trainer's loop (fit: logging, statistics, anomaly checks at their default intervals) against
+    # `baseline_steps` below, in one process: per step, alternating rounds; then a race, each to the
+    # baseline's final val loss over trainer.max_steps steps. The nano recipe of issue 16:
+    python scripts/bench.py --baseline model.block_size=64 trainer.micro_batch_size=12 trainer.max_steps=2000
+
+    # Compilation: cold and warm compile seconds (fresh processes, an empty then a filled inductor cache),
+    # then eager against compiled steps, alternating in one process:
+    python scripts/bench.py --compile model.block_size=64 trainer.micro_batch_size=12
+
+Positional arguments are the same Hydra overrides train.py takes. One JSON line per result. Other processes
+on the machine slow both sides of a comparison alike only when they alternate, so compare ratios, not times.
+In the single-config mode only optimizer steps are timed (data loading included, evaluation and
+checkpoints not); the first --warmup steps are not timed, and `first_step_s` is the first one's time
+(compilation included when compiled).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from trainer.entry.cli import scratch_run
+from trainer.entry.cli import config_or_exit, scratch_run
+
+TOLERANCE = 0.002  # ours reaches the baseline's val loss within 0.2%: below the noise of a seed or of bf16 vs fp32
+QUIET = ["trainer.progress=false", "logger.wandb.mode=disabled", "trainer.sample_tokens=0"]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
-    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, caches)")
-    args = parser.parse_args(argv)
+def emit(**record) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def single(args) -> None:
     run = scratch_run(args.overrides)
 
     from trainer.loop import optimizer_step, step_context
     from trainer.runtime import device_sync
+    from trainer.telemetry.perf import peak_tflops
 
     t = run.cfg.trainer
     sc = step_context(run, guarded=False)  # the loop's step, without the anomaly guard's per-step read
+    start = time.perf_counter()
     for i in range(args.warmup):
         optimizer_step(run, sc, i + 1)
+        if i == 0:
+            device_sync(run.device)
+            first = time.perf_counter() - start
     device_sync(run.device)
     start = time.perf_counter()
     for i in range(args.steps):
@@ -43,13 +69,200 @@ def main(argv: list[str] | None = None) -> None:
     elapsed = time.perf_counter() - start
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * run.seq_len
     tokens_per_s = args.steps * tokens_per_step / elapsed
-    print(json.dumps({
-        "overrides": args.overrides, "device": str(run.device), "precision": t.precision.value,
-        "compile": t.compile, "threads": torch.get_num_threads(), "params": run.model.num_params(),
-        "tokens_per_step": tokens_per_step, "steps": args.steps, "ms_per_step": round(1000 * elapsed / args.steps, 2),
-        "tokens_per_s": round(tokens_per_s, 1),
-        "achieved_tflops": round(tokens_per_s * run.model.flops_per_token(run.seq_len) / 1e12, 4),
-    }))  # fmt: skip
+    tflops = tokens_per_s * run.model.flops_per_token(run.seq_len) / 1e12
+    peak = peak_tflops(run.device, run.numerics.precision.value)  # known GPUs in bf16/fp16 only
+    emit(overrides=args.overrides, device=str(run.device), precision=run.numerics.name,
+         compile=run.compiled is not None, threads=torch.get_num_threads(), params=run.model.num_params(),
+         tokens_per_step=tokens_per_step, steps=args.steps, ms_per_step=round(1000 * elapsed / args.steps, 2),
+         tokens_per_s=round(tokens_per_s, 1), first_step_s=round(first, 2) if args.warmup else None,
+         achieved_tflops=round(tflops, 4), mfu=round(tflops / peak, 4) if peak else None)  # fmt: skip
+
+
+# --- the baseline: a minimal eager loop of the same model, batches, init, lr schedule and clipping ---------------
+
+
+def baseline_steps(cfg, train, steps: int, device: torch.device):
+    """Yield after each of `steps` optimizer steps of a nanoGPT-style loop: forward, backward, clip, fused AdamW,
+    set the lr (warmup, then cosine to the floor). Nothing else: no logging, statistics or anomaly checks.
+    It draws the trainer's batches (WindowSampler, same seed), so that the losses compare step for step."""
+    from models.minigpt import MiniGPT
+    from trainer.data.sampling import WindowSampler
+
+    t, o, s = cfg.trainer, cfg.optimizer, cfg.schedule
+    torch.manual_seed(t.seed)
+    model = MiniGPT(cfg.model.architecture(train.vocab)).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
+    batches = WindowSampler(train.tokens, train.seq_len, t.micro_batch_size, t.seed, device)
+    for step in range(steps):
+        warm = step / max(1, s.warmup_steps)
+        decay_frac = (step - s.warmup_steps) / max(1, steps - s.warmup_steps)
+        cosine = s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * decay_frac))
+        for g in opt.param_groups:
+            g["lr"] = o.lr * (warm if step < s.warmup_steps else cosine)
+        _, loss = model(*batches.next_batch())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        yield model
+
+
+class Split:
+    """The train tokens, their vocabulary and the sequence length the baseline needs, from a built run."""
+
+    def __init__(self, run):
+        self.tokens, self.vocab, self.seq_len = run.train_windows.tokens, run.tokenizer.vocab_size, run.seq_len
+
+
+@torch.no_grad()
+def val_loss(model, run) -> float:
+    """The trainer's evaluation (the first trainer.eval_steps val batches, in order) of a plain fp32 model."""
+    from trainer.data.sampling import validation_windows
+
+    t = run.cfg.trainer
+    windows = validation_windows(run.val_tokens, run.seq_len, t.micro_batch_size, run.device)
+    model.eval()
+    loss = sum(model(*windows.next_batch())[1].item() for _ in range(t.eval_steps)) / t.eval_steps
+    model.train()
+    return loss
+
+
+def time_baseline(cfg, run, steps: int, skip: int) -> tuple[float, float, float]:
+    """(seconds per step after the first `skip`, wall seconds from model creation to the final val loss, that
+    loss)."""
+    start = time.perf_counter()
+    marks, model = [], None
+    for model in baseline_steps(cfg, Split(run), steps, run.device):  # noqa: B007 (the trained model is used after)
+        marks.append(time.perf_counter())
+    loss = val_loss(model, run)
+    per_step = (marks[-1] - marks[skip - 1]) / (steps - skip)
+    return per_step, time.perf_counter() - start, loss
+
+
+def time_ours(overrides: list[str], steps: int, target: float | None = None) -> dict:
+    """The trainer's own fit() over `steps` steps in a throw-away run directory: seconds per step from its log
+    records (evaluations and checkpoints excluded, the first log window, which holds compilation, too), and
+    the wall time from setup_run to the first evaluation at or below `target`."""
+    from trainer.build import setup_run
+    from trainer.loop import fit
+    from trainer.telemetry.metrics import MetricsLogger
+
+    class Timed(MetricsLogger):  # metrics.jsonl as in a run, and when each record was logged
+        def log(self, step: int, record: dict) -> None:
+            super().log(step, record)
+            events.append((step, time.perf_counter(), record))
+
+    events = []
+    cfg = config_or_exit([*without(overrides, "trainer.max_steps"), f"trainer.max_steps={steps}", *QUIET])
+    t = cfg.trainer
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        run = setup_run(cfg, Path(tmp))
+        metrics = Timed(Path(tmp), cfg.logger.wandb, {})
+        fit(run, metrics)
+        metrics.close()
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * run.seq_len
+    logged = [(s, r) for s, _, r in events if "tokens_per_s" in r]
+    pairs = zip(logged, logged[1:], strict=False)
+    windows = [(s - p, (s - p) * tokens_per_step / r["tokens_per_s"]) for (p, _), (s, r) in pairs]
+    reached = next(((s, at - start, r["val/loss"]) for s, at, r in events
+                    if target is not None and r.get("val/loss", math.inf) <= target), None)  # fmt: skip
+    final = [r["val/loss"] for _, _, r in events if "val/loss" in r][-1]
+    return {"per_step": sum(w for _, w in windows) / sum(n for n, _ in windows), "reached": reached,
+            "final_val_loss": final, "numerics": run.numerics.name, "compiled": run.compiled is not None}  # fmt: skip
+
+
+def without(overrides: list[str], key: str) -> list[str]:
+    return [o for o in overrides if not o.startswith(f"{key}=")]
+
+
+def baseline(args) -> None:
+    """Per step (alternating rounds), then the race to the baseline's final val loss."""
+    run = scratch_run([*args.overrides, "trainer.compile=false"])  # the data and the config, for the baseline
+    cfg = run.cfg
+    skip = cfg.trainer.log_interval
+    ours, base = [], []
+    for r in range(args.rounds):
+        o = time_ours(args.overrides, args.steps)
+        ours.append(o["per_step"])
+        base.append(time_baseline(cfg, run, args.steps, skip)[0])
+        emit(result="per_step_round", round=r, ours_ms=round(1000 * ours[-1], 2), baseline_ms=round(1000 * base[-1], 2),
+             ours_numerics=o["numerics"], ours_compiled=o["compiled"])  # fmt: skip
+    emit(result="per_step", ours_ms=round(1000 * statistics.median(ours), 2),
+         baseline_ms=round(1000 * statistics.median(base), 2),
+         ratio=round(statistics.median(o / b for o, b in zip(ours, base, strict=True)), 3), rounds=args.rounds,
+         steps_per_round=args.steps, threads=torch.get_num_threads(), target="<= 1.0")  # fmt: skip
+    steps = cfg.trainer.max_steps
+    for r in range(args.races):
+        _, b_wall, b_loss = time_baseline(cfg, run, steps, skip)
+        o = time_ours(args.overrides, steps, target=b_loss * (1 + TOLERANCE))
+        hit = o["reached"]
+        emit(result="race", round=r, steps=steps, baseline_s=round(b_wall, 1), baseline_val_loss=round(b_loss, 4),
+             ours_s=round(hit[1], 1) if hit else None, ours_step=hit[0] if hit else None,
+             ours_final_val_loss=round(o["final_val_loss"], 4), ours_numerics=o["numerics"],
+             ours_compiled=o["compiled"], ratio=round(hit[1] / b_wall, 3) if hit else None,
+             target="<= 0.75")  # fmt: skip
+
+
+# --- compilation: cold and warm compile times, eager against compiled steady state -------------------------------
+
+
+def compile_times(args) -> None:
+    """Two fresh processes on an empty inductor cache (cold, then warm), then steps alternating in one process."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        for which in ("cold", "warm"):
+            cmd = [sys.executable, __file__, *args.overrides, "trainer.compile=true", "--steps", "5", "--warmup", "2"]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+            emit(result=f"compile_{which}", first_step_s=json.loads(out)["first_step_s"], overrides=args.overrides)
+    from trainer.loop import optimizer_step, step_context
+
+    runs = {mode: scratch_run([*args.overrides, f"trainer.compile={mode}"]) for mode in ("false", "true")}
+    contexts = {mode: step_context(run, guarded=False) for mode, run in runs.items()}
+    done = dict.fromkeys(runs, 0)
+    times = {mode: [] for mode in runs}
+    for r in range(args.rounds + 1):  # round 0 warms up (and compiles, from the cache filled above)
+        for mode, run in runs.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                done[mode] += 1
+                loss, _ = optimizer_step(run, contexts[mode], done[mode])
+            loss.item()
+            if r:
+                times[mode].append((time.perf_counter() - start) / args.steps)
+    eager, compiled = (statistics.median(times[m]) for m in ("false", "true"))
+    emit(result="compile_steady_state", eager_ms=round(1000 * eager, 2), compiled_ms=round(1000 * compiled, 2),
+         ratio=round(compiled / eager, 3), numerics=runs["true"].numerics.name, rounds=args.rounds,
+         steps_per_round=args.steps, threads=torch.get_num_threads())  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (per round with --baseline/--compile)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, caches)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--baseline", action="store_true", help="our loop against a minimal eager loop")
+    mode.add_argument("--compile", action="store_true", help="cold/warm compile seconds, eager vs compiled steps")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (--baseline, --compile)")
+    parser.add_argument("--races", type=int, default=1, help="races to the baseline's val loss (--baseline)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.baseline:
+        args.steps = args.steps or 200
+        baseline(args)
+    elif args.compile:
+        args.steps = args.steps or 30
+        compile_times(args)
+    else:
+        args.steps = args.steps or 30
+        single(args)
 
 
 if __name__ == "__main__":

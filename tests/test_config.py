@@ -53,7 +53,7 @@ def test_each_group_has_options():
 def test_defaults_are_the_cpu_run():
     cfg = to_typed(compose_cfg([]))
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.data.kind, cfg.tokenizer.kind) == (4, 128, "stdlib", "byte")
-    assert cfg.trainer.precision == Precision.bf16 and cfg.optimizer.name == "adamw"
+    assert cfg.trainer.precision == Precision.auto and cfg.trainer.compile == "auto" and cfg.optimizer.name == "adamw"
 
 
 def test_experiment_presets_override_groups():

@@ -15,12 +15,13 @@ from models.minigpt import GPTConfig, MiniGPT
 from optim.builder import BuildContext, HookContext, after_load, build_hook, build_optimizer, load_all
 from optim.schedules import build_scheduler, constant_scheduler
 from trainer import checkpoint as ckpt_io
+from trainer.compile import Ledger, compile_key, decide, eager_step_seconds, use_compile_cache
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data.corpus import check_split_sizes, find_corpus, prepare_tokens
 from trainer.data.sampling import WindowSampler
 from trainer.data.shards import TokenShards
 from trainer.data.tokenizers import build_tokenizer
-from trainer.distributed import Dist, barrier, checkpoint_blocks, local_device, max_over_ranks, wrap
+from trainer.distributed import Dist, barrier, broadcast, checkpoint_blocks, local_device, max_over_ranks, wrap
 from trainer.errors import ConfigError
 from trainer.resume import (
     apply_changed_hyperparameters,
@@ -28,7 +29,18 @@ from trainer.resume import (
     log_changed_schedule,
     saved_optimizer_config,
 )
-from trainer.runtime import autocast, check_precision, grad_scaler, pick_device, seed_everything
+from trainer.runtime import (
+    Numerics,
+    autocast,
+    check_precision,
+    grad_scaler,
+    machine_name,
+    measured_step,
+    pick_device,
+    probe_batch,
+    resolve_precision,
+    seed_everything,
+)
 from trainer.telemetry.anomaly import AnomalyGuard
 
 log = logging.getLogger(__name__)
@@ -50,9 +62,34 @@ class Run:
     val_tokens: TokenShards
     tokenizer: object
     seq_len: int
+    numerics: Numerics  # the precision trainer.precision resolved to (never auto), and the attention kernel
     anomaly: AnomalyGuard  # non-finite steps, gradient explosions, loss spikes (trainer/telemetry/anomaly.py)
     progress: ckpt_io.Progress  # step, loss window, train seconds: from the checkpoint when resuming
     stateful: dict[str, ckpt_io.Stateful]  # what a checkpoint holds beside the model and the optimizer
+    compiled: str | None = None  # the compile ledger's key when step_model is compiled (trainer/compile.py)
+    ledger: Ledger | None = None
+
+
+def torch_cache(cfg: TrainConfig) -> Path:
+    """Where compiled code (inductor's caches), its ledger and the precision probe's results live."""
+    return Path(cfg.data.cache_dir).expanduser() / "torch"
+
+
+def plan_compile(cfg: TrainConfig, model: MiniGPT, device: torch.device, numerics: Numerics, measure,
+                 steps_left: int, d: Dist, ledger: Ledger) -> tuple[str | None, str]:  # fmt: skip
+    """(the compile ledger's key, or None not to compile; why) for trainer.compile (trainer/compile.py)."""
+    t, seq_len = cfg.trainer, cfg.data.seq_len or cfg.model.block_size
+    key = compile_key(machine=machine_name(device), model=asdict(model.config), seq_len=seq_len,
+                      batch=[t.micro_batch_size, t.grad_accum_steps], numerics=numerics.name, strategy=d.strategy,
+                      distributed=asdict(cfg.distributed), checkpointing=t.activation_checkpointing)  # fmt: skip
+
+    def step_s() -> float:  # the eager step, estimated from the (cached) probe's forward+backward
+        seconds, _ = measure((numerics,))
+        sequences = probe_batch(t.micro_batch_size, seq_len)[0]
+        return eager_step_seconds(seconds[numerics.name], t.micro_batch_size / sequences * t.grad_accum_steps, device)
+
+    verdict, why = decide(t.compile, steps_left, step_s, device.type, numerics.precision.value, ledger.get(key))
+    return (key if verdict else None), why
 
 
 def model_config(cfg: ModelConfig, tokenizer_vocab: int) -> GPTConfig:
@@ -124,6 +161,16 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
             load_hf_weights(model, cfg.model.init_from)
         except ValueError as e:
             raise ConfigError(f"model.init_from: {e}") from None
+    use_compile_cache(torch_cache(cfg) / "inductor")  # before anything compiles, in this process
+    batch = probe_batch(t.micro_batch_size, seq_len)
+
+    def measure(candidates):  # each candidate's forward+backward seconds for this model (cached probe)
+        return measured_step(model, device, batch, torch_cache(cfg) / "probe.json", candidates)
+
+    # rank 0 measures (on the plain module, before wrapping); every rank takes its choice
+    numerics = resolve_precision(t.precision, device, measure, str(torch_cache(cfg))) if d.is_main else None
+    numerics = broadcast(numerics, d)
+    log.info("precision: %s (%s)", numerics.name, numerics.why)
     if t.activation_checkpointing:
         checkpoint_blocks(model)
     wrapped = wrap(model, d, device, cfg.distributed)  # FSDP shards the parameters in place
@@ -143,14 +190,14 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
     if cfg.schedule.warmup_steps >= t.max_steps:
         log.warning("schedule.warmup_steps=%d >= trainer.max_steps=%d: the run ends before its warmup does, so the "
                     "lr never reaches optimizer.lr", cfg.schedule.warmup_steps, t.max_steps)  # fmt: skip
-    scaler = grad_scaler(t.precision, device)
+    scaler = grad_scaler(numerics.precision, device)
     windows = WindowSampler(
         splits.train, seq_len, t.micro_batch_size, t.seed, device, d.rank, d.world_size, cfg.data.sampling
     )
-    hook_ctx = HookContext(windows.peek, autocast(t.precision, device), t.grad_accum_steps, t.grad_clip)
+    hook_ctx = HookContext(windows.peek, autocast(numerics, device), t.grad_accum_steps, t.grad_clip)
     hook = build_hook(wrapped, optimizer, cfg.optimizer, hook_ctx)
     reduce_max = (lambda flags: max_over_ranks(flags, d)) if d.enabled else None
-    guard = AnomalyGuard(t.anomaly, device, fp16=t.precision.value == "fp16", reduce_max=reduce_max)
+    guard = AnomalyGuard(t.anomaly, device, fp16=numerics.precision.value == "fp16", reduce_max=reduce_max)
     progress = ckpt_io.Progress()
     stateful = {"scheduler": scheduler, "scaler": scaler, "sampler": windows, "rng": ckpt_io.RNG(device),
                 "anomaly": guard, ckpt_io.PROGRESS: progress}  # fmt: skip
@@ -165,17 +212,23 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
         if progress.step >= t.max_steps:
             log.info("checkpoint step %d >= trainer.max_steps=%d: nothing to train", progress.step, t.max_steps)
 
-    step_model = torch.compile(wrapped) if t.compile else wrapped
+    steps_left = max(0, t.max_steps - progress.step)
+    ledger = Ledger(torch_cache(cfg) / "compiled.json")
+    plan = plan_compile(cfg, model, device, numerics, measure, steps_left, d, ledger) if d.is_main else None
+    compiled, why = broadcast(plan, d)
+    log.info("compile: %s (%s)", "yes" if compiled else "no", why)
+    step_model = torch.compile(wrapped) if compiled else wrapped
     log.info(
         "model: %.2fM parameters (%.2fM non-embedding), %.1f MFLOP/token | data: %s train / %s val tokens "
         "(%s, vocab %d) | device %s, %s | global batch %d x %d tokens (%s, %d ranks)",
         model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6,
         model.flops_per_token(seq_len) / 1e6, f"{len(splits.train):,}", f"{len(splits.val):,}",
-        tokenizer.identity, tokenizer.vocab_size, device, t.precision.value, global_batch, seq_len, d.strategy,
+        tokenizer.identity, tokenizer.vocab_size, device, numerics.name, global_batch, seq_len, d.strategy,
         d.world_size,
     )  # fmt: skip
     return Run(
         cfg=cfg, run_dir=run_dir, device=device, model=model, step_model=step_model, optimizer=optimizer,
         scheduler=scheduler, optimizer_hook=hook, scaler=scaler, train_windows=windows, val_tokens=splits.val,
-        tokenizer=tokenizer, seq_len=seq_len, dist=d, anomaly=guard, progress=progress, stateful=stateful,
+        tokenizer=tokenizer, seq_len=seq_len, numerics=numerics, dist=d, anomaly=guard, progress=progress,
+        stateful=stateful, compiled=compiled, ledger=ledger,
     )  # fmt: skip

@@ -23,6 +23,7 @@ from trainer.errors import ConfigError
 
 
 class Precision(str, Enum):
+    auto = "auto"  # what is fast for this device and model (trainer/runtime.py: resolve_precision)
     bf16 = "bf16"
     fp16 = "fp16"
     fp32 = "fp32"
@@ -127,7 +128,9 @@ class TrainerConfig:
     max_steps: int = 1000  # optimizer steps
     micro_batch_size: int = 32  # sequences per forward pass on each rank
     grad_accum_steps: int = 1  # micro-batches per optimizer step
-    precision: Precision = Precision.bf16  # bf16 | fp16 (with loss scaling) | fp32
+    # auto: bf16 on GPUs that have it, fp16 on older ones, on CPU the faster of fp32 and bf16 for this model
+    # (measured once per machine and model shape, cached in the data cache) | bf16 | fp16 (with loss scaling) | fp32
+    precision: Precision = Precision.auto
     grad_clip: float = 1.0  # max global L2 norm; 0 = off
     grad_clip_value: float = 0.0  # max |grad| per element; 0 = off
     eval_interval: int = 200  # steps between evaluations (and one at the end)
@@ -137,7 +140,9 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # the newest N are kept
     seed: int = 1337
     device: DeviceKind = DeviceKind.auto  # auto | cpu | cuda | mps
-    compile: bool = False  # torch.compile the (wrapped) model
+    # torch.compile the (wrapped) model: true | false | auto (when the run is long enough to win the compile time
+    # back, trainer/compile.py); compiled code is cached in <data.cache_dir>/torch, so a second run pays seconds
+    compile: Any = "auto"
     activation_checkpointing: bool = False  # recompute each block's activations in backward (saves memory)
     resume: str | None = None  # null | auto | a checkpoint or run directory
     start_over: bool = False  # a used run directory: archive its run (into replaced-<time>/) and start again
@@ -314,6 +319,8 @@ def validate(cfg: TrainConfig) -> None:
         )
     if not 0 <= t.seed < 2**32:
         raise ConfigError(f"trainer.seed={t.seed} must be in [0, 2^32) (numpy and torch seeds are 32-bit)")
+    if t.compile not in (True, False, "auto"):
+        raise ConfigError(f"trainer.compile={t.compile!r} must be true, false or auto")
     if t.start_over and t.resume is not None:
         raise ConfigError(
             f"trainer.start_over=true starts the run again, trainer.resume={t.resume!r} continues one: drop one of them"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ def step_context(run: Run, guarded: bool = True) -> StepContext:
     t = run.cfg.trainer
     return StepContext(
         run.step_model, run.optimizer, run.scaler, [p for p in run.model.parameters() if p.requires_grad],
-        autocast(t.precision, run.device), t.grad_accum_steps, t.grad_clip, t.grad_clip_value,
+        autocast(run.numerics, run.device), t.grad_accum_steps, t.grad_clip, t.grad_clip_value,
         run.anomaly.allow if guarded else None,
     )  # fmt: skip
 
@@ -128,7 +129,7 @@ def evaluate(run: Run) -> float:
     windows = validation_windows(run.val_tokens, run.seq_len, t.micro_batch_size, run.device, d.rank, d.world_size)
     run.step_model.eval()
     losses = torch.zeros(t.eval_steps, device=run.device)
-    with autocast(t.precision, run.device), eval_mode(run.optimizer, run.cfg.optimizer):
+    with autocast(run.numerics, run.device), eval_mode(run.optimizer, run.cfg.optimizer):
         for i in range(t.eval_steps):
             _, losses[i] = run.step_model(*windows.next_batch())
     run.step_model.train()
@@ -160,7 +161,7 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
     sc = step_context(run)
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * run.seq_len * d.world_size  # global
     train_log = TrainLog(run.optimizer, run.model.flops_per_token(run.seq_len), run.device, d, t.grad_clip,
-                         t.precision.value, progress.loss_window)  # fmt: skip
+                         run.numerics.precision.value, progress.loss_window)  # fmt: skip
     probe = stats_probe(run) if t.stats_interval else None
     val_loss = None
     if progress.step == 0:  # the starting point of the val curve
@@ -170,12 +171,16 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
     bar = tqdm(total=t.max_steps, initial=progress.step, disable=not (t.progress and d.is_main), desc="train",
                unit="step")  # fmt: skip
     clock = TrainClock(progress.train_seconds)  # paused around evals and checkpoints
-    step, stopping = progress.step, False
+    start = step = progress.step
+    stopping = False
     with StopSignal() as stop:
         while step < t.max_steps and not stopping:
             lr = run.optimizer.param_groups[0]["lr"]
             watched = probe if probe is not None and probe.wants(step + 1, t.stats_interval) else None
+            started = time.perf_counter()
             loss, norm = optimizer_step(run, sc, step + 1, watched)
+            if run.compiled is not None and step == start:  # the compiled run's first step: it compiled
+                note_compile(run, time.perf_counter() - started)
             step, clock.steps = step + 1, clock.steps + 1
             train_log.add(loss, norm, guard.applied)  # applied: known on the host only when an anomaly action syncs
             bar.update(1)
@@ -205,6 +210,14 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
                 clock.restart()
     bar.close()
     return FitResult(step, val_loss, stop.signum if stopping and guard.stop_reason is None else None, guard.stop_reason)
+
+
+def note_compile(run: Run, seconds: float) -> None:
+    """Log the first compiled step's time, and keep it in the compile ledger (trainer/compile.py), which
+    trainer.compile=auto reads to know that this shape compiles from the cache next time."""
+    log.info("compile: the first step took %.1f s (compiling included)", seconds)
+    if run.dist.is_main and run.ledger is not None:
+        run.ledger.record(run.compiled, seconds)
 
 
 def stats_probe(run: Run) -> StatsProbe:
