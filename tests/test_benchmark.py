@@ -176,7 +176,7 @@ sizes:
 trials: 6
 seeds: [1, 2, 3]
 evals_per_run: 2
-bootstrap: 300
+bootstrap: 100
 coordinates: {{adamw: [optimizer.lr, optimizer.weight_decay], lion: [optimizer.lr, optimizer.weight_decay]}}
 """)
     return path
@@ -291,3 +291,14 @@ def test_the_cpu_preset_is_the_protocol_the_issue_asks_for(tmp_path):
     plan, _ = Benchmark(cfg, found, tmp_path, FakeLauncher(), progress=False).plan()
     assert plan.total == {"tune": 2 * 4 * cfg.trials, "tuned": 2 * (4 * 3 * 3 + 3), "default": 2 * (4 * 3 * 3 + 3)}
     assert load_config("smoke", []).sizes  # the smoke preset loads too
+
+
+def test_every_learning_rate_of_an_optimizer_is_tuned_first(tmp_path):
+    """Muon's adamw_lr (embeddings and head) is one of its spec's lr_fields: it comes right after lr, before
+    weight decay, so that 14 trials cannot leave a learning rate unsearched while betas are tuned."""
+    from trainer.lab.benchmark.config import load_config, settings
+
+    order = {s.optimizer: [a.key for a in s.axes] for s in settings(load_config("cpu", []))}
+    assert order["muon"][:3] == ["optimizer.lr", "optimizer.adamw_lr", "optimizer.weight_decay"]
+    assert order["adamw"] == ["optimizer.lr", "optimizer.weight_decay", "warmup_fraction", "optimizer.betas.0",
+                              "optimizer.betas.1"]  # fmt: skip

@@ -15,7 +15,8 @@ number; x = 0 is the default, x +/- 1 one grid step either side) to a value:
 A hard bound (0, a beta of 0, warmup over half the run, a linear range's end) ends the grid there.
 The spec's `schedule.warmup_steps` becomes `warmup_fraction`: warmup as a fraction of each run's own
 steps, so the schedule keeps its shape at every budget.
-Order, as Wen et al. 2025 tune: lr, weight decay, warmup, the betas or momentum, then the rest.
+Order, as Wen et al. 2025 tune: the learning rates (the spec's lr_fields), weight decay, warmup, the betas or
+momentum, then the rest.
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def make_axis(key: str, space: str, default: float, factor: float, zero_steps: i
     return Axis(key, "linear", float(default), step, lo=(lo - default) / step, hi=(hi - default) / step)
 
 
-def order(key: str) -> int:
-    if key == "optimizer.lr":
+def order(key: str, lr_keys: tuple[str, ...] = ("optimizer.lr",)) -> int:
+    if key in lr_keys:
         return 0
     if key.endswith("weight_decay"):
         return 1
@@ -102,8 +103,11 @@ def order(key: str) -> int:
     return 3 if _is_rate(key) else 4
 
 
-def axes_for(space: dict[str, str], defaults: dict[str, float], factor: float, zero_steps: int) -> list[Axis]:
-    """Axes of a spec's search space, in tuning order; `space` has WARMUP in place of schedule.warmup_steps and
-    `defaults` the starting value of every key."""
-    keys = sorted(space, key=lambda k: (order(k), list(space).index(k)))
+def axes_for(space: dict[str, str], defaults: dict[str, float], factor: float, zero_steps: int,
+             lr_keys: tuple[str, ...] = ("optimizer.lr",)) -> list[Axis]:  # fmt: skip
+    """Axes of a spec's search space, in tuning order; `space` has WARMUP in place of schedule.warmup_steps,
+    `defaults` the starting value of every key, `lr_keys` the optimizer's learning rates (its spec's lr_fields:
+    Muon's adamw_lr, for the embeddings and the head, is tuned right after its lr, not last)."""
+    rank = lambda k: (order(k, lr_keys), lr_keys.index(k) if k in lr_keys else 0, list(space).index(k))
+    keys = sorted(space, key=rank)
     return [make_axis(k, space[k], defaults[k], factor, zero_steps) for k in keys]

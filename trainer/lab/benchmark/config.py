@@ -168,7 +168,8 @@ def settings(cfg: BenchmarkConfig) -> list[Setting]:
             defaults = {k: cfg.warmup_fraction if k == WARMUP else float(_get(train, k)) for k in space}
             lists = {k.rsplit(".", 1)[0]: list(_get(train, k.rsplit(".", 1)[0])) for k in space if _indexed(k)}
             try:
-                axes = axes_for(space, defaults, cfg.grid_factor, cfg.zero_steps)
+                lr_keys = tuple(f"optimizer.{f}" for f in load_all()[name].lr_fields)
+                axes = axes_for(space, defaults, cfg.grid_factor, cfg.zero_steps, lr_keys)
             except ValueError as e:
                 raise ConfigError(f"optimizer {name}: {e}") from None
             setting = Setting(size, name, train, base, params, tokens, axes, defaults, lists)

@@ -1,9 +1,9 @@
 """One benchmark run as a train.py job: its overrides, its directory name, and its Hydra config file.
 
 A job is identified by what it trains, nothing else: its directory under runs/ is named after the size,
-optimizer, budget and seed, plus a hash of its full list of overrides. Two phases that need the same run
-(a confirmation at the default hyperparameters, say) share one directory, and a benchmark that is run
-again finds its finished runs where it left them.
+optimizer, budget and seed, plus a hash of its overrides (as key -> value, so their order does not
+matter). Two phases that need the same run (a confirmation at the default hyperparameters, say) share one
+directory, and a benchmark that is run again finds its finished runs where it left them.
 
 Hydra's sweepers launch the cartesian product of their parameters, not a list of unrelated jobs, so
 each job is written as a config file `jobs/bench_job/<key>.yaml` and the sweep runs over one parameter:
@@ -18,6 +18,7 @@ submitit/SLURM) runs exactly these jobs, each in OUT/runs/<key>/.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,8 @@ def make_job(cfg: BenchmarkConfig, s: Setting, values: dict[str, float], budget:
            f"trainer.ckpt_interval={steps}", f"trainer.eval_steps={cfg.eval_batches}",
            f"trainer.seed={seed}"]  # fmt: skip
     overrides = (*s.base, *hp, *run, *FIXED)
-    digest = hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:10]
+    effective = dict(o.partition("=")[::2] for o in overrides)  # key -> value, the last one winning as in Hydra
+    digest = hashlib.sha256(json.dumps(sorted(effective.items())).encode()).hexdigest()[:10]
     key = f"{s.size.name}-{s.optimizer}-{budget:g}tpp-seed{seed}-{digest}"
     return Job(phase, s.size.name, s.optimizer, float(budget), seed, tuple(values.items()), steps, overrides, key)
 

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -130,6 +131,14 @@ def failures(result: dict) -> list[list[str]]:
     return rows
 
 
+def _budget_axis(ax, budgets) -> None:
+    """A log axis labelled at the budgets themselves (5, 10, 20), not at powers of ten."""
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(set(budgets)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def plot_losses(result: dict, baseline: str, path: Path) -> None:
     sizes = result["sizes"]
     tables = [t for t in TABLES if any(t in s["tables"] for s in sizes)]
@@ -155,7 +164,7 @@ def plot_losses(result: dict, baseline: str, path: Path) -> None:
                 d = np.geomspace(min(tab["baseline_budgets"]) / 1.5, max(tab["baseline_budgets"]) * 1.5, 100)
                 ax.plot(d, fit["E"] + fit["A"] * d ** -fit["alpha"], "--", color="black", linewidth=1,
                         label=f"{baseline} fit E + A·D^-α")  # fmt: skip
-            ax.set_xscale("log")
+            _budget_axis(ax, [r["budget"] for r in tab["rows"]])
             ax.set(xlabel="budget (tokens per parameter)", ylabel="final val loss",
                    title=f"{s['name']} ({s['params'] / 1e6:.2f}M params), {TITLES[table]}")  # fmt: skip
             ax.grid(alpha=0.3, which="both")
@@ -189,7 +198,7 @@ def plot_speedups(result: dict, baseline: str, path: Path) -> None:
                             marker=markers[i % len(markers)], linestyle="-" if i == 0 else ":", capsize=3,
                             label=f"{name}, {s['name']} ({s['params'] / 1e6:.2f}M)")  # fmt: skip
         ax.axhline(1.0, color="black", linewidth=1)
-        ax.set_xscale("log")
+        _budget_axis(ax, [b for s in sizes for b in s["budgets"]])
         ax.set(xlabel="budget (tokens per parameter)", ylabel=f"speedup over {baseline} (data saved)",
                title=f"{TITLES[table]} ({result.get('confidence', 0.95):.0%} intervals, capped at 10)")  # fmt: skip
         ax.grid(alpha=0.3, which="both")
@@ -213,6 +222,9 @@ def render(cfg: BenchmarkConfig, result: dict, header: dict) -> str:
                  f"failed, {runs['pending']} not run).\n")  # fmt: skip
     if runs["pending"]:
         parts.append("**Incomplete:** some runs have not run; the tables below mark what is missing.\n")
+    if len(cfg.seeds) < 3:
+        parts.append(f"**{len(cfg.seeds)} seeds, below the protocol's 3:** the intervals (Student's t with "
+                     f"{len(cfg.seeds) - 1} degree(s) of freedom) are wide, and the numbers are a test of the tools.\n")
     parts.append("## Protocol\n")
     parts.append(
         f"Every optimizer ({', '.join(cfg.optimizers)}) trains the same model, data, batch and schedule shape: "
