@@ -19,31 +19,29 @@ from trainer.loop import fit
 from trainer.telemetry.metrics import MetricsLogger
 
 
-def never() -> float:
-    raise AssertionError("the step was estimated (a probe) where the decision needs no estimate")
-
-
 def test_forced_choices_are_kept():
-    assert tc.decide(True, 1, never, "cpu", "fp32", None) == (True, "trainer.compile=true")
-    assert tc.decide(False, 10**9, never, "cuda", "bf16", None) == (False, "trainer.compile=false")
+    assert tc.decide(True, 1, None, "cpu", "fp32", None) == (True, "trainer.compile=true")
+    assert tc.decide(False, 10**9, None, "cuda", "bf16", None) == (False, "trainer.compile=false")
 
 
 def test_auto_compiles_when_the_saved_time_beats_the_compile_time():
     cold, warm = tc.COMPILE_SECONDS["cpu"]
     saved = tc.STEP_SAVED[("cpu", "bf16")]
     steps_to_win_cold = round(cold / (0.05 * saved)) + 10  # 50 ms steps
-    yes, why = tc.decide("auto", steps_to_win_cold, lambda: 0.05, "cpu", "bf16", None)
+    yes, why = tc.decide("auto", steps_to_win_cold, 0.05, "cpu", "bf16", None)
     assert yes and "a first compile" in why and f"{steps_to_win_cold} steps x ~50 ms x 20% saved" in why
-    no, why = tc.decide("auto", steps_to_win_cold - 20, lambda: 0.05, "cpu", "bf16", None)  # 10 steps short
+    no, why = tc.decide("auto", steps_to_win_cold - 20, 0.05, "cpu", "bf16", None)  # 10 steps short
     assert not no and "<=" in why
     # a shape this machine compiled before loads from the cache: its measured warm time is the cost
-    yes, why = tc.decide("auto", 200, lambda: 0.05, "cpu", "bf16", {"cold_s": 80.0, "warm_s": 1.5})
+    yes, why = tc.decide("auto", 200, 0.05, "cpu", "bf16", {"cold_s": 80.0, "warm_s": 1.5})
     assert yes and "~2 s to compile (from the cache)" in why
-    yes, _ = tc.decide("auto", round(warm / (0.05 * saved)) + 10, lambda: 0.05, "cpu", "bf16", {"cold_s": 80.0})
+    yes, _ = tc.decide("auto", round(warm / (0.05 * saved)) + 10, 0.05, "cpu", "bf16", {"cold_s": 80.0})
     assert yes  # no warm time measured yet: the warm estimate
-    no, why = tc.decide("auto", 10**6, never, "cpu", "fp32", None)
+    no, why = tc.decide("auto", 10**6, None, "cpu", "fp32", None)
     assert not no and "does not speed fp32 up on cpu" in why
-    assert not tc.decide("auto", 0, never, "cuda", "bf16", None)[0]  # nothing left to train
+    assert not tc.decide("auto", 0, None, "cuda", "bf16", None)[0]  # nothing left to train
+    assert tc.needs_step_estimate("auto", "cpu", "bf16") and tc.needs_step_estimate("auto", "cuda", "fp32")
+    assert not tc.needs_step_estimate("auto", "cpu", "fp32") and not tc.needs_step_estimate(True, "cpu", "bf16")
 
 
 def test_the_ledger_keeps_the_cold_then_the_warm_time(tmp_path):

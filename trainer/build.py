@@ -15,7 +15,7 @@ from models.minigpt import GPTConfig, MiniGPT
 from optim.builder import BuildContext, HookContext, after_load, build_hook, build_optimizer, load_all
 from optim.schedules import build_scheduler, constant_scheduler
 from trainer import checkpoint as ckpt_io
-from trainer.compile import Ledger, compile_key, decide, eager_step_seconds, use_compile_cache
+from trainer.compile import Ledger, compile_key, decide, eager_step_seconds, needs_step_estimate, use_compile_cache
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data.corpus import check_split_sizes, find_corpus, prepare_tokens
 from trainer.data.sampling import WindowSampler
@@ -75,19 +75,24 @@ def torch_cache(cfg: TrainConfig) -> Path:
     return Path(cfg.data.cache_dir).expanduser() / "torch"
 
 
-def plan_compile(cfg: TrainConfig, model: MiniGPT, device: torch.device, numerics: Numerics, measure,
+def step_estimate(cfg: TrainConfig, device: torch.device, numerics: Numerics, measure) -> float | None:
+    """The eager optimizer step's seconds, from the (cached) probe's forward+backward, where trainer.compile=auto
+    needs it. On the plain module, before wrapping (FSDP's module all-gathers on every rank)."""
+    t, seq_len = cfg.trainer, cfg.data.seq_len or cfg.model.block_size
+    if not needs_step_estimate(t.compile, device.type, numerics.precision.value):
+        return None
+    seconds, _ = measure((numerics,))
+    sequences = probe_batch(t.micro_batch_size, seq_len)[0]
+    return eager_step_seconds(seconds[numerics.name], t.micro_batch_size / sequences * t.grad_accum_steps, device)
+
+
+def plan_compile(cfg: TrainConfig, model: MiniGPT, device: torch.device, numerics: Numerics, step_s: float | None,
                  steps_left: int, d: Dist, ledger: Ledger) -> tuple[str | None, str]:  # fmt: skip
     """(the compile ledger's key, or None not to compile; why) for trainer.compile (trainer/compile.py)."""
     t, seq_len = cfg.trainer, cfg.data.seq_len or cfg.model.block_size
     key = compile_key(machine=machine_name(device), model=asdict(model.config), seq_len=seq_len,
                       batch=[t.micro_batch_size, t.grad_accum_steps], numerics=numerics.name, strategy=d.strategy,
                       distributed=asdict(cfg.distributed), checkpointing=t.activation_checkpointing)  # fmt: skip
-
-    def step_s() -> float:  # the eager step, estimated from the (cached) probe's forward+backward
-        seconds, _ = measure((numerics,))
-        sequences = probe_batch(t.micro_batch_size, seq_len)[0]
-        return eager_step_seconds(seconds[numerics.name], t.micro_batch_size / sequences * t.grad_accum_steps, device)
-
     verdict, why = decide(t.compile, steps_left, step_s, device.type, numerics.precision.value, ledger.get(key))
     return (key if verdict else None), why
 
@@ -171,6 +176,7 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
     numerics = resolve_precision(t.precision, device, measure, str(torch_cache(cfg))) if d.is_main else None
     numerics = broadcast(numerics, d)
     log.info("precision: %s (%s)", numerics.name, numerics.why)
+    step_s = step_estimate(cfg, device, numerics, measure) if d.is_main else None  # for trainer.compile=auto
     if t.activation_checkpointing:
         checkpoint_blocks(model)
     wrapped = wrap(model, d, device, cfg.distributed)  # FSDP shards the parameters in place
@@ -214,7 +220,7 @@ def setup_run(cfg: TrainConfig, run_dir: Path, d: Dist | None = None) -> Run:
 
     steps_left = max(0, t.max_steps - progress.step)
     ledger = Ledger(torch_cache(cfg) / "compiled.json")
-    plan = plan_compile(cfg, model, device, numerics, measure, steps_left, d, ledger) if d.is_main else None
+    plan = plan_compile(cfg, model, device, numerics, step_s, steps_left, d, ledger) if d.is_main else None
     compiled, why = broadcast(plan, d)
     log.info("compile: %s (%s)", "yes" if compiled else "no", why)
     step_model = torch.compile(wrapped) if compiled else wrapped

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -92,11 +91,16 @@ class Ledger:
         os.replace(tmp, self.path)
 
 
-def decide(mode, steps_left: int, step_s: Callable[[], float], device_type: str, precision: str,
+def needs_step_estimate(mode, device_type: str, precision: str) -> bool:
+    """Whether `decide` will need the eager step's seconds (which may cost a probe: take it before wrapping)."""
+    return mode == "auto" and STEP_SAVED.get((device_type, precision), 0.0) > 0
+
+
+def decide(mode, steps_left: int, step_s: float | None, device_type: str, precision: str,
            seen: dict | None) -> tuple[bool, str]:  # fmt: skip
     """(compile?, why) for trainer.compile=`mode`; for auto, from the steps left, the estimated eager step
-    seconds (`step_s()`, called only when needed: it may probe), the share compiling saves on this device and
-    precision, and the ledger's entry (`seen`) for this shape (None: never compiled here, so a cold compile)."""
+    seconds (needed where `needs_step_estimate`), the share compiling saves on this device and precision, and
+    the ledger's entry (`seen`) for this shape (None: never compiled here, so a cold compile)."""
     if mode is not True and mode is not False and mode != "auto":
         raise ValueError(f"trainer.compile={mode!r}")
     if mode != "auto":
@@ -108,7 +112,6 @@ def decide(mode, steps_left: int, step_s: Callable[[], float], device_type: str,
         return False, "auto: no steps left to train"
     cold, warm = COMPILE_SECONDS.get(device_type, COMPILE_SECONDS["cuda"])
     cost, which = (seen.get("warm_s", warm), "from the cache") if seen else (cold, "a first compile")
-    step_s = step_s()
     gain = steps_left * step_s * saved
     verdict = gain > cost
     why = (f"auto: {steps_left} steps x ~{1000 * step_s:.0f} ms x {saved:.0%} saved = ~{gain:.0f} s "
