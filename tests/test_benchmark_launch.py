@@ -11,7 +11,7 @@ import yaml
 from conftest import make_corpus
 
 from trainer.lab.benchmark.config import load_config, settings
-from trainer.lab.benchmark.jobs import make_job
+from trainer.lab.benchmark.jobs import Job, make_job
 from trainer.lab.benchmark.launch import HydraLauncher
 from trainer.lab.benchmark.protocol import Benchmark
 
@@ -50,3 +50,35 @@ def test_jobs_run_through_train_py_multirun_and_are_not_run_twice(tmp_path: Path
     bench.execute(jobs, "tune")  # all done: no second launch
     assert len(list((out / "logs").glob("launch-*.log"))) == 1
     assert [json.loads(line)["runs"] for line in (out / "ledger.jsonl").read_text().splitlines()] == [3]
+
+
+def test_after_a_launch_a_crash_is_marked_failed_but_a_signal_or_a_run_never_started_is_left_to_resume(tmp_path):
+    """launch.finish: what ended without a final evaluation, and why."""
+    import pytest
+
+    from trainer.errors import ConfigError
+    from trainer.lab.benchmark.launch import finish
+    from trainer.lab.benchmark.results import MARKER, read_run
+
+    def job(key):
+        return Job("tune", "a", "adamw", 1.0, 1, (), 10, (), key)
+
+    def started(key, last_log_line):
+        (tmp_path / key / ".hydra").mkdir(parents=True)
+        (tmp_path / key / "train.log").write_text(f"[12:00:00] step 0: val loss 5.5\n[12:00:01] {last_log_line}\n")
+
+    log = tmp_path / "launch-0001.log"
+    log.write_text("[HYDRA] \t#0 : +bench_job=crashed\nerror: optimizer.lr=-1.0 must be > 0\n"
+                   "[HYDRA] \t#1 : +bench_job=stopped\n")
+    started("crashed", "building the model")
+    started("stopped", "SIGTERM at step 5: checkpoint saved; continue with trainer.resume=auto hydra.run.dir=x")
+    done = []
+    waiting = {k: job(k) for k in ("crashed", "stopped", "never")}
+    with pytest.raises(ConfigError, match="with 2 run\\(s\\) not started or interrupted"):
+        finish(waiting, tmp_path, log, 0, lambda j: done.append(j.key))
+    assert done == ["crashed"] and "optimizer.lr=-1.0 must be > 0" in read_run(tmp_path / "crashed", 10).reason
+    assert read_run(tmp_path / "stopped", 10).status == "pending" and not (tmp_path / "never").exists()
+    started("killed", "step 3 ...")
+    with pytest.raises(ConfigError, match="stopped by a signal \\(exit code -15\\)"):
+        finish({"killed": job("killed")}, tmp_path, log, -15, done.append)
+    assert not (tmp_path / "killed" / MARKER).exists()  # the whole launch was stopped: nothing is a failure

@@ -6,6 +6,7 @@ import argparse
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -57,8 +58,23 @@ def _commit() -> str:
         return "unknown"
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds into the launch, which stops its runs (launch.py)
+
+
 def main(argv: list[str] | None = None, launcher: Callable[[Path], Launcher] | None = None) -> int:
     args = parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _stop)  # SIGTERM (a cluster, `kill`) stops the runs as Ctrl-C does
+    try:
+        return _main(args, argv, launcher)
+    except KeyboardInterrupt:
+        print("stopped; the finished runs are kept: run the same command again to continue", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None, launcher: Callable[[Path], Launcher] | None) -> int:
     try:
         cfg = load_config(args.preset, args.overrides)
         out = Path(args.out or Path("runs") / "benchmark" / Path(args.preset).stem)

@@ -4,9 +4,10 @@ One batch is one `python train.py -m` (see jobs.py), with the launcher the user 
 (one job after another, in one process), `+launcher=local` (submitit, a process per job) or
 `+launcher=slurm` (a SLURM job per run, the benchmark waiting on this machine). Its output goes to
 OUT/logs/launch-NNNN.log. While it runs, the run directories are polled, so the progress bar moves as
-runs finish. When it ends, a run that started but did not finish is marked failed (results.MARKER) with the
-last line of its train.log; a run that never started means the launcher itself failed, which stops the
-benchmark with one line (run it again to resume).
+runs finish. When it ends, a run that started but did not finish is marked failed (results.MARKER) with its
+`error:` line or the last line of its train.log. A run that never started, or that a signal stopped (it
+checkpointed: a SIGTERM from the cluster, Ctrl-C), is not a failure: the benchmark stops with one line, and
+running it again resumes those runs. Ctrl-C or SIGTERM to the benchmark itself passes SIGTERM on to the launch.
 """
 
 from __future__ import annotations
@@ -83,16 +84,28 @@ class HydraLauncher:
                     proc.wait(timeout=120)
                 raise
         collect()
-        errors = error_lines(log)
-        never = []
-        for key in list(waiting):
-            path = runs_dir / key
-            if (path / ".hydra").is_dir():
-                why = errors.get(key) or last_line(path)
-                mark_failed(path, f"ended without a final evaluation: {why} (log: {log})")
-                done(waiting.pop(key))
-            else:
-                never.append(key)
-        if never:
-            raise ConfigError(f"the launcher exited (code {proc.returncode}) before {len(never)} run(s) started; "
-                              f"see {log}; run the benchmark again to resume")  # fmt: skip
+        finish(waiting, runs_dir, log, proc.returncode, done)
+
+
+INTERRUPTED = "checkpoint saved; continue with trainer.resume=auto"  # what a run stopped by a signal logs last
+SIGNALLED = {130, 143}  # 128 + SIGINT, 128 + SIGTERM: what train.py exits with after such a stop
+
+
+def finish(waiting: dict[str, Job], runs_dir: Path, log: Path, returncode: int, done: Callable[[Job], None]) -> None:
+    """After a launch: mark each run that started and ended without its final evaluation as failed, unless it
+    (or the whole launch) was stopped by a signal, which a re-run resumes. Raise when runs were left behind."""
+    if returncode < 0 or returncode in SIGNALLED:
+        raise ConfigError(f"the launch was stopped by a signal (exit code {returncode}) with {len(waiting)} run(s) "
+                          f"unfinished; run the benchmark again to resume them (log: {log})")  # fmt: skip
+    errors = error_lines(log)
+    left = []
+    for key in list(waiting):
+        path = runs_dir / key
+        if (path / ".hydra").is_dir() and INTERRUPTED not in last_line(path):
+            mark_failed(path, f"ended without a final evaluation: {errors.get(key) or last_line(path)} (log: {log})")
+            done(waiting.pop(key))
+        else:
+            left.append(key)
+    if left:
+        raise ConfigError(f"the launcher exited (code {returncode}) with {len(left)} run(s) not started or "
+                          f"interrupted; see {log}; run the benchmark again to resume")  # fmt: skip
