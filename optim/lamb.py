@@ -53,7 +53,7 @@ and x), torch's own norm kernel gives ||p|| and ||x||, and `_lamb_apply_kernel` 
 divisions once (a reduction cannot share a loop with Inductor's stores, and the ratio needs the
 whole tensor's norm before any element moves). Bit-identical to the foreach step on a CPU except a
 tensor's last size % 16 elements of v, which torch's fused Adam kernel rounds in another order (tested:
-parameters within 1e-6 after 60 steps). Under FSDP each rank sums the squares of its shards in
+parameters within 1e-6 of it after 20 steps). Under FSDP each rank sums the squares of its shards in
 float64 and the sums are all-reduced, tensor by tensor.
 """
 

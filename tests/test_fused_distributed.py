@@ -24,9 +24,9 @@ from optim.builder import load_all
 FUSABLE = sorted(name for name, spec in load_all().items() if issubclass(spec.config, fused.FusedConfig))
 
 
-def results(strategy: str, names: list[str]) -> dict[str, dict]:
+def results(strategy: str, names: list[str], cache) -> dict[str, dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env |= {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # TORCHINDUCTOR_CACHE_DIR: the session's cache
+    env |= {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "dist_optimizer_worker.py"), strategy, "--only", *names]  # fmt: skip
     cmd += ["--set", "optimizer.fused=true"]
@@ -48,7 +48,7 @@ def assert_matches(r: dict) -> None:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_fused_steps_match_one_process(strategy, inductor_cache):
     names = [n for n in FUSABLE if strategy == "ddp" or n not in FSDP_REFUSED]
-    got = results(strategy, names)
+    got = results(strategy, names, inductor_cache)
     assert sorted(got) == names
     for r in got.values():
         assert r["refused"] is None
