@@ -3,10 +3,13 @@
     python scripts/bench.py                                # one JSON line: tokens/s and ms/step of the default
     python scripts/bench.py model=gpt2 trainer.micro_batch_size=8 --steps 20
     python scripts/bench.py trainer.precision=fp32 --steps 50 --warmup 10
+    python scripts/bench.py --profile 50     # then 50 steps under torch.profiler: the top ops by self time
 
     # The trainer's loop (fit: logging, statistics, anomaly checks at their default intervals) against
     # `baseline_steps` below, in one process: per step, alternating rounds; then a race, each to the
-    # baseline's final val loss over trainer.max_steps steps. The nano recipe of issue 16:
+    # baseline's final val loss over trainer.max_steps steps. First ours compiles twice for a few steps
+    # (a machine that has run this shape before: trainer.compile=auto then knows it compiles from the
+    # cache; --cold skips this). The nano recipe of issue 16:
     python scripts/bench.py --baseline model.block_size=64 trainer.micro_batch_size=12 trainer.max_steps=2000
 
     # Compilation: cold and warm compile seconds (fresh processes, an empty then a filled inductor cache),
@@ -76,6 +79,28 @@ def single(args) -> None:
          tokens_per_step=tokens_per_step, steps=args.steps, ms_per_step=round(1000 * elapsed / args.steps, 2),
          tokens_per_s=round(tokens_per_s, 1), first_step_s=round(first, 2) if args.warmup else None,
          achieved_tflops=round(tflops, 4), mfu=round(tflops / peak, 4) if peak else None)  # fmt: skip
+    if args.profile:
+        profile_steps(run, sc, args.profile, args.warmup + args.steps)
+
+
+def profile_steps(run, sc, steps: int, done: int, top: int = 12) -> None:
+    """torch.profiler over `steps` more steps: one JSON line per op, the `top` by self time (CPU, or CUDA on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from trainer.loop import optimizer_step
+    from trainer.runtime import device_sync
+
+    cuda = run.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        for i in range(steps):
+            optimizer_step(run, sc, done + i + 1)
+        device_sync(run.device)
+    events = prof.key_averages()
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(self_us(e) for e in events)
+    for e in sorted(events, key=self_us, reverse=True)[:top]:
+        emit(result="profile", op=e.key[:80], self_ms_per_step=round(self_us(e) / 1000 / steps, 3),
+             share=round(self_us(e) / total, 3), calls_per_step=round(e.count / steps, 1))  # fmt: skip
 
 
 # --- the baseline: a minimal eager loop of the same model, batches, init, lr schedule and clipping ---------------
@@ -179,11 +204,29 @@ def without(overrides: list[str], key: str) -> list[str]:
     return [o for o in overrides if not o.startswith(f"{key}=")]
 
 
+def compiled_run(overrides: list[str], steps: int) -> dict:
+    """`python train.py OVERRIDES trainer.compile=true` for `steps` steps in a fresh process (in this one, the
+    compilers' in-memory caches would make a second compile look cheaper than a new process finds it): it fills
+    the compile cache and the ledger (trainer/compile.py) as a user's earlier run of this shape would have."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), *overrides, *QUIET,
+               "trainer.compile=true", f"trainer.max_steps={steps}", f"hydra.run.dir={tmp}/run"]  # fmt: skip
+        start = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, text=True, check=True)
+        seconds = time.perf_counter() - start
+        log = (Path(tmp) / "run" / "train.log").read_text().splitlines()
+    said = [line.split("] ", 1)[-1] for line in log if "] compile: " in line]
+    return {"process_s": round(seconds, 1), "log": said}
+
+
 def baseline(args) -> None:
     """Per step (alternating rounds), then the race to the baseline's final val loss."""
     run = scratch_run([*args.overrides, "trainer.compile=false"])  # the data and the config, for the baseline
     cfg = run.cfg
     skip = cfg.trainer.log_interval
+    if not args.cold:  # a machine that has compiled this shape before: the cache and the compile ledger hold it
+        for which in ("first", "second"):
+            emit(result=f"warm_up_{which}", **compiled_run(args.overrides, 2 * skip))
     ours, base = [], []
     for r in range(args.rounds):
         o = time_ours(args.overrides, args.steps)
@@ -244,11 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (per round with --baseline/--compile)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, caches)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="then profile N steps: the top ops")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--baseline", action="store_true", help="our loop against a minimal eager loop")
     mode.add_argument("--compile", action="store_true", help="cold/warm compile seconds, eager vs compiled steps")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (--baseline, --compile)")
     parser.add_argument("--races", type=int, default=1, help="races to the baseline's val loss (--baseline)")
+    parser.add_argument("--cold", action="store_true", help="--baseline without first compiling ours (twice)")
     return parser
 
 

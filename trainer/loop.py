@@ -164,6 +164,7 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
                          run.numerics.precision.value, progress.loss_window)  # fmt: skip
     probe = stats_probe(run) if t.stats_interval else None
     val_loss = None
+    began = time.perf_counter()  # a compiled run compiles its evaluation (step 0) and its first step
     if progress.step == 0:  # the starting point of the val curve
         record = {"tokens": 0}
         val_loss = validate(run, 0, record)
@@ -177,10 +178,9 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
         while step < t.max_steps and not stopping:
             lr = run.optimizer.param_groups[0]["lr"]
             watched = probe if probe is not None and probe.wants(step + 1, t.stats_interval) else None
-            started = time.perf_counter()
             loss, norm = optimizer_step(run, sc, step + 1, watched)
             if run.compiled is not None and step == start:  # the compiled run's first step: it compiled
-                note_compile(run, time.perf_counter() - started)
+                note_compile(run, time.perf_counter() - began)
             step, clock.steps = step + 1, clock.steps + 1
             train_log.add(loss, norm, guard.applied)  # applied: known on the host only when an anomaly action syncs
             bar.update(1)
@@ -213,9 +213,10 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
 
 
 def note_compile(run: Run, seconds: float) -> None:
-    """Log the first compiled step's time, and keep it in the compile ledger (trainer/compile.py), which
-    trainer.compile=auto reads to know that this shape compiles from the cache next time."""
-    log.info("compile: the first step took %.1f s (compiling included)", seconds)
+    """Log the time to the end of the first compiled step (the first evaluation included: it compiles too), and
+    keep it in the compile ledger (trainer/compile.py), which trainer.compile=auto reads to know that this shape
+    compiles from the cache next time, and how long that takes."""
+    log.info("compile: %.1f s to the end of the first step (compiling and the first evaluation included)", seconds)
     if run.dist.is_main and run.ledger is not None:
         run.ledger.record(run.compiled, seconds)
 
