@@ -6,10 +6,10 @@
     python scripts/bench.py --profile 50     # then 50 steps under torch.profiler: the top ops by self time
 
     # The trainer's loop (fit: logging, statistics, anomaly checks at their default intervals) against
-    # `baseline_steps` below, in one process: per step, alternating rounds; then a race, each to the
-    # baseline's final val loss over trainer.max_steps steps. First ours compiles twice for a few steps
-    # (a machine that has run this shape before: trainer.compile=auto then knows it compiles from the
-    # cache; --cold skips this). The nano recipe of issue 16:
+    # `baseline_steps` below over trainer.max_steps steps, interleaved in one process (the baseline catches up
+    # at each of our log records): time per step, and wall time to the baseline's final val loss. First ours
+    # compiles twice for a few steps in fresh processes (a machine that has run this shape before:
+    # trainer.compile=auto then knows it compiles from the cache; --cold skips this). Issue 16's nano recipe:
     python scripts/bench.py --baseline model.block_size=64 trainer.micro_batch_size=12 trainer.max_steps=2000
 
     # Compilation: cold and warm compile seconds (fresh processes, an empty then a filled inductor cache),
@@ -155,49 +155,74 @@ def val_loss(model, run) -> float:
     return loss
 
 
-def time_baseline(cfg, run, steps: int, skip: int) -> tuple[float, float, float]:
-    """(seconds per step after the first `skip`, wall seconds from model creation to the final val loss, that
-    loss)."""
-    start = time.perf_counter()
-    marks, model = [], None
-    for model in baseline_steps(cfg, Split(run), steps, run.device):  # noqa: B007 (the trained model is used after)
-        marks.append(time.perf_counter())
-    loss = val_loss(model, run)
-    per_step = (marks[-1] - marks[skip - 1]) / (steps - skip)
-    return per_step, time.perf_counter() - start, loss
+class Baseline:
+    """The minimal loop, advanced a few steps at a time while our loop runs (see `race`), each portion timed."""
+
+    def __init__(self, cfg, run):
+        self.run, self.steps_done, self.times = run, 0, []
+        self.loop = baseline_steps(cfg, Split(run), cfg.trainer.max_steps, run.device)
+
+    def advance(self, to_step: int) -> float:
+        """Train up to step `to_step`; the seconds it took."""
+        start = time.perf_counter()
+        while self.steps_done < to_step:
+            t0 = time.perf_counter()
+            self.model = next(self.loop)
+            self.times.append(time.perf_counter() - t0)
+            self.steps_done += 1
+        return time.perf_counter() - start
+
+    def finish(self) -> float:
+        """The final val loss (its evaluation timed into the last step)."""
+        start = time.perf_counter()
+        loss = val_loss(self.model, self.run)
+        self.times[-1] += time.perf_counter() - start
+        return loss
 
 
-def time_ours(overrides: list[str], steps: int, target: float | None = None) -> dict:
-    """The trainer's own fit() over `steps` steps in a throw-away run directory: seconds per step from its log
-    records (evaluations and checkpoints excluded, the first log window, which holds compilation, too), and
-    the wall time from setup_run to the first evaluation at or below `target`."""
+def race(overrides: list[str], cfg, run) -> dict:
+    """Our fit() and the baseline over trainer.max_steps steps, interleaved: at each of our log records the
+    baseline catches up to our step, so that other processes on the machine slow both alike. Our time counts
+    from setup_run (precision probe, compilation, evaluations and checkpoints included) with the baseline's
+    portions taken out; the baseline's from model creation to its final evaluation."""
     from trainer.build import setup_run
     from trainer.loop import fit
     from trainer.telemetry.metrics import MetricsLogger
 
-    class Timed(MetricsLogger):  # metrics.jsonl as in a run, and when each record was logged
+    base = Baseline(cfg, run)
+    events, paused = [], [0.0]
+
+    class Timed(MetricsLogger):  # metrics.jsonl as in a run; when each record came, less the baseline's time
         def log(self, step: int, record: dict) -> None:
             super().log(step, record)
-            events.append((step, time.perf_counter(), record))
+            events.append((step, time.perf_counter() - paused[0], record))
+            paused[0] += base.advance(step)
 
-    events = []
-    cfg = config_or_exit([*without(overrides, "trainer.max_steps"), f"trainer.max_steps={steps}", *QUIET])
-    t = cfg.trainer
+    ours_cfg = config_or_exit([*overrides, *QUIET])
+    t = ours_cfg.trainer
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        run = setup_run(cfg, Path(tmp))
-        metrics = Timed(Path(tmp), cfg.logger.wandb, {})
-        fit(run, metrics)
+        ours = setup_run(ours_cfg, Path(tmp))
+        metrics = Timed(Path(tmp), ours_cfg.logger.wandb, {})
+        fit(ours, metrics)
         metrics.close()
-    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * run.seq_len
+    base.advance(t.max_steps)
+    base_loss = base.finish()
+    target = base_loss * (1 + TOLERANCE)
+    reached = next(((s, at - start) for s, at, r in events if r.get("val/loss", math.inf) <= target), None)
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * ours.seq_len
     logged = [(s, r) for s, _, r in events if "tokens_per_s" in r]
     pairs = zip(logged, logged[1:], strict=False)
     windows = [(s - p, (s - p) * tokens_per_step / r["tokens_per_s"]) for (p, _), (s, r) in pairs]
-    reached = next(((s, at - start, r["val/loss"]) for s, at, r in events
-                    if target is not None and r.get("val/loss", math.inf) <= target), None)  # fmt: skip
-    final = [r["val/loss"] for _, _, r in events if "val/loss" in r][-1]
-    return {"per_step": sum(w for _, w in windows) / sum(n for n, _ in windows), "reached": reached,
-            "final_val_loss": final, "numerics": run.numerics.name, "compiled": run.compiled is not None}  # fmt: skip
+    skip = logged[0][0]  # steps of our first log window (compilation), left out of both per-step figures
+    return {
+        "ours_ms": 1000 * sum(w for _, w in windows) / sum(n for n, _ in windows),
+        "baseline_ms": 1000 * statistics.fmean(base.times[skip:-1]),
+        "ours_s": reached[1] if reached else None, "ours_step": reached[0] if reached else None,
+        "baseline_s": sum(base.times), "baseline_val_loss": base_loss,
+        "ours_final_val_loss": [r["val/loss"] for _, _, r in events if "val/loss" in r][-1],
+        "ours_numerics": ours.numerics.name, "ours_compiled": ours.compiled is not None,
+    }  # fmt: skip
 
 
 def without(overrides: list[str], key: str) -> list[str]:
@@ -220,34 +245,21 @@ def compiled_run(overrides: list[str], steps: int) -> dict:
 
 
 def baseline(args) -> None:
-    """Per step (alternating rounds), then the race to the baseline's final val loss."""
+    """Interleaved races to the baseline's final val loss: per step, then in all."""
     run = scratch_run([*args.overrides, "trainer.compile=false"])  # the data and the config, for the baseline
-    cfg = run.cfg
-    skip = cfg.trainer.log_interval
     if not args.cold:  # a machine that has compiled this shape before: the cache and the compile ledger hold it
         for which in ("first", "second"):
-            emit(result=f"warm_up_{which}", **compiled_run(args.overrides, 2 * skip))
-    ours, base = [], []
-    for r in range(args.rounds):
-        o = time_ours(args.overrides, args.steps)
-        ours.append(o["per_step"])
-        base.append(time_baseline(cfg, run, args.steps, skip)[0])
-        emit(result="per_step_round", round=r, ours_ms=round(1000 * ours[-1], 2), baseline_ms=round(1000 * base[-1], 2),
-             ours_numerics=o["numerics"], ours_compiled=o["compiled"])  # fmt: skip
-    emit(result="per_step", ours_ms=round(1000 * statistics.median(ours), 2),
-         baseline_ms=round(1000 * statistics.median(base), 2),
-         ratio=round(statistics.median(o / b for o, b in zip(ours, base, strict=True)), 3), rounds=args.rounds,
-         steps_per_round=args.steps, threads=torch.get_num_threads(), target="<= 1.0")  # fmt: skip
-    steps = cfg.trainer.max_steps
+            emit(result=f"warm_up_{which}", **compiled_run(args.overrides, 2 * run.cfg.trainer.log_interval))
     for r in range(args.races):
-        _, b_wall, b_loss = time_baseline(cfg, run, steps, skip)
-        o = time_ours(args.overrides, steps, target=b_loss * (1 + TOLERANCE))
-        hit = o["reached"]
-        emit(result="race", round=r, steps=steps, baseline_s=round(b_wall, 1), baseline_val_loss=round(b_loss, 4),
-             ours_s=round(hit[1], 1) if hit else None, ours_step=hit[0] if hit else None,
-             ours_final_val_loss=round(o["final_val_loss"], 4), ours_numerics=o["numerics"],
-             ours_compiled=o["compiled"], ratio=round(hit[1] / b_wall, 3) if hit else None,
-             target="<= 0.75")  # fmt: skip
+        o = race(args.overrides, run.cfg, run)
+        common = {"round": r, "threads": torch.get_num_threads(), "ours_numerics": o["ours_numerics"],
+                  "ours_compiled": o["ours_compiled"]}  # fmt: skip
+        emit(result="per_step", ours_ms=round(o["ours_ms"], 2), baseline_ms=round(o["baseline_ms"], 2),
+             ratio=round(o["ours_ms"] / o["baseline_ms"], 3), target="<= 1.0", **common)  # fmt: skip
+        emit(result="race", steps=run.cfg.trainer.max_steps, baseline_s=round(o["baseline_s"], 1),
+             baseline_val_loss=round(o["baseline_val_loss"], 4), ours_s=o["ours_s"] and round(o["ours_s"], 1),
+             ours_step=o["ours_step"], ours_final_val_loss=round(o["ours_final_val_loss"], 4),
+             ratio=o["ours_s"] and round(o["ours_s"] / o["baseline_s"], 3), target="<= 0.75", **common)  # fmt: skip
 
 
 # --- compilation: cold and warm compile times, eager against compiled steady state -------------------------------
@@ -285,14 +297,14 @@ def compile_times(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (per round with --baseline/--compile)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (per round with --compile)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, caches)")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="then profile N steps: the top ops")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--baseline", action="store_true", help="our loop against a minimal eager loop")
     mode.add_argument("--compile", action="store_true", help="cold/warm compile seconds, eager vs compiled steps")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (--baseline, --compile)")
-    parser.add_argument("--races", type=int, default=1, help="races to the baseline's val loss (--baseline)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (--compile)")
+    parser.add_argument("--races", type=int, default=1, help="interleaved races to the baseline's loss (--baseline)")
     parser.add_argument("--cold", action="store_true", help="--baseline without first compiling ours (twice)")
     return parser
 
@@ -300,7 +312,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.baseline:
-        args.steps = args.steps or 200
         baseline(args)
     elif args.compile:
         args.steps = args.steps or 30
