@@ -44,6 +44,11 @@ def test_auto_compiles_when_the_saved_time_beats_the_compile_time():
     assert not tc.needs_step_estimate("auto", "cpu", "fp32") and not tc.needs_step_estimate(True, "cpu", "bf16")
 
 
+def test_evaluation_runs_the_uncompiled_module():
+    model = torch.nn.Linear(2, 2)
+    assert tc.uncompiled(model) is model and tc.uncompiled(torch.compile(model)) is model
+
+
 def test_the_ledger_keeps_the_cold_then_the_warm_time(tmp_path):
     ledger = tc.Ledger(tmp_path / "sub" / "compiled.json")
     assert ledger.get("k") is None

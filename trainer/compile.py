@@ -57,6 +57,12 @@ def use_compile_cache(directory: str | Path) -> Path:
     return path
 
 
+def uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module torch.compile wrapped (the module itself when it is not compiled). Evaluation runs it: a
+    handful of forward passes every few hundred steps would otherwise compile a second graph."""
+    return getattr(module, "_orig_mod", module)
+
+
 def compile_key(**facts) -> str:
     """The ledger's key for what is compiled: the machine, torch, the model shape, batch, numerics, wrapping."""
     facts["torch"] = torch.__version__

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from optim.builder import eval_mode, family_stats
 from trainer import checkpoint as ckpt_io
 from trainer.build import Run
+from trainer.compile import uncompiled
 from trainer.data.sampling import validation_windows
 from trainer.distributed import any_rank, grad_sync, mean_over_ranks
 from trainer.runtime import StopSignal, autocast
@@ -127,12 +128,13 @@ def evaluate(run: Run) -> float:
     t = run.cfg.trainer
     d = run.dist
     windows = validation_windows(run.val_tokens, run.seq_len, t.micro_batch_size, run.device, d.rank, d.world_size)
-    run.step_model.eval()
+    model = uncompiled(run.step_model)  # a few batches now and then: compiling them too would double the compile
+    model.eval()
     losses = torch.zeros(t.eval_steps, device=run.device)
     with autocast(run.numerics, run.device), eval_mode(run.optimizer, run.cfg.optimizer):
         for i in range(t.eval_steps):
-            _, losses[i] = run.step_model(*windows.next_batch())
-    run.step_model.train()
+            _, losses[i] = model(*windows.next_batch())
+    model.train()
     return mean_over_ranks(losses.mean(), d).item()
 
 
@@ -164,7 +166,7 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
                          run.numerics.precision.value, progress.loss_window)  # fmt: skip
     probe = stats_probe(run) if t.stats_interval else None
     val_loss = None
-    began = time.perf_counter()  # a compiled run compiles its evaluation (step 0) and its first step
+    began = time.perf_counter()  # to the end of the first step: a compiled run's compile time (and one evaluation)
     if progress.step == 0:  # the starting point of the val curve
         record = {"tokens": 0}
         val_loss = validate(run, 0, record)
@@ -213,7 +215,7 @@ def fit(run: Run, metrics: MetricsLogger) -> FitResult:
 
 
 def note_compile(run: Run, seconds: float) -> None:
-    """Log the time to the end of the first compiled step (the first evaluation included: it compiles too), and
+    """Log the time to the end of the first compiled step (the first evaluation, eager, included), and
     keep it in the compile ledger (trainer/compile.py), which trainer.compile=auto reads to know that this shape
     compiles from the cache next time, and how long that takes."""
     log.info("compile: %.1f s to the end of the first step (compiling and the first evaluation included)", seconds)
