@@ -21,11 +21,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import compose_cfg, tiny_overrides
+from conftest import REPO, compose_cfg, tiny_overrides
 
 from models.minigpt import GPTConfig, MiniGPT
 from optim import fused
@@ -253,3 +256,19 @@ def test_the_loop_trains_and_resumes_with_the_fused_step(name, tmp_path, corpus_
     for step in range(5, 9):
         assert again[step]["train/loss"] == fused_log[step]["train/loss"], step
     assert again[8]["val/loss"] == fused_log[8]["val/loss"]
+
+
+def test_bench_optimizers_prints_eager_and_fused_lines(inductor_cache):
+    """scripts/bench_optimizers.py (which scripts/gpu_check.sh runs with --device cuda): one JSON line per
+    optimizer and step, the fused one with its difference from the eager one's weights."""
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_optimizers.py"), "--model", "nano", "--device", "cpu",
+           "--optimizers", "lion,sgd", "--steps", "1", "--warmup", "1"]  # fmt: skip
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines[0]["baseline"] == "torch.optim.AdamW(fused=True)" and lines[0]["device"] == "cpu"
+    by_name = {r["optimizer"]: r for r in lines[1:]}
+    assert sorted(by_name) == ["lion", "lion+fused", "sgd"]
+    assert by_name["lion+fused"]["max_abs_diff_vs_eager"] == 0.0
+    assert all(r["vs_fused_adamw"] > 0 and r["ms_per_step"] > 0 for r in by_name.values())
