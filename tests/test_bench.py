@@ -51,3 +51,16 @@ def test_bench_speedrun_runs_both_and_prints_the_ratio(tmp_path, corpus_file):
     assert [r.get("run", r.get("result")) for r in lines] == ["default", "speedrun", "speedrun_vs_default"]
     assert lines[1]["steps"] == 4 and lines[0]["wall_s"] > 0 and lines[2]["ratio"] > 0
     assert any(c.startswith("precision: fp32") for c in lines[0]["chose"])
+
+
+def test_the_speedrun_is_the_default_runs_model_data_and_val_windows():
+    """+experiment=speedrun may change the optimizer, schedule, batch and extras, not what its loss is measured
+    on: the same model, corpus, tokenizer and val split, and the same 640 val windows (eval_steps x batch)."""
+    from trainer.entry.cli import compose_config
+
+    default, speedrun = compose_config([]), compose_config(["+experiment=speedrun"])
+    assert speedrun.model == default.model and speedrun.data == default.data
+    assert speedrun.tokenizer == default.tokenizer
+    d, s = default.trainer, speedrun.trainer
+    assert s.eval_steps * s.micro_batch_size == d.eval_steps * d.micro_batch_size
+    assert s.eval_interval == s.max_steps < d.max_steps  # evaluated at its end, like the default

@@ -68,7 +68,7 @@ def test_every_check_has_a_command_and_they_parse():
     assert (g.trainer.max_steps, g.trainer.ckpt_interval, g.trainer.grad_accum_steps, g.tokenizer.kind) == (
         100, 50, 8, "byte")  # offline: the byte tokenizer at GPT-2's padded vocabulary  # fmt: skip
     assert configs["gpt2_124m_resume"].trainer.resume.endswith("g124/checkpoints/step_00000050")
-    assert commands["ddp_nccl"][:3] == ["torchrun", "--standalone", "--nproc_per_node=1"]
+    assert commands["ddp_nccl"][1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
 
 
 def test_script_flags_exist():
