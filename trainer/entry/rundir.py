@@ -81,10 +81,13 @@ def hold_run_dir(run_dir: Path):
         raise ConfigError(
             f"{run_dir} is in use by {holder}: wait for it to finish (or stop it), or pass another hydra.run.dir"
         ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
+    try:  # who holds it, for the refusal's line; on a full disk the lock holds without it
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+    except OSError:
+        pass
     return f
 
 
