@@ -1,10 +1,11 @@
-"""Benchmark jobs through Hydra's launcher for real (train.py -m over job config files): each run lands in its
-own directory with the job's values, a refused job is marked failed with its error line, and a second
-launch of the same jobs runs nothing."""
+"""Benchmark jobs through Hydra's launcher for real (train.py -m over job config files, two launches at once):
+each run lands in its own directory with the job's values, a refused job is marked failed with its error line,
+and a second launch of the same jobs runs nothing."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -12,7 +13,7 @@ from conftest import make_corpus
 
 from trainer.lab.benchmark.config import load_config, settings
 from trainer.lab.benchmark.jobs import Job, make_job
-from trainer.lab.benchmark.launch import HydraLauncher
+from trainer.lab.benchmark.launch import HydraLauncher, threads_per_job
 from trainer.lab.benchmark.protocol import Benchmark
 
 
@@ -35,7 +36,8 @@ def test_jobs_run_through_train_py_multirun_and_are_not_run_twice(tmp_path: Path
             make_job(cfg, lion, lion.defaults | {"optimizer.lr": -1.0}, 0.25, 1, "tune"),  # refused by the trainer
             make_job(cfg, lion, lion.defaults, 0.25, 2, "tune")]  # fmt: skip
     out = tmp_path / "out"
-    bench = Benchmark(cfg, [adamw, lion], out, HydraLauncher(out, [], poll_s=0.5), progress=False)
+    launcher = HydraLauncher(out, [], poll_s=0.5, local_jobs=2)  # two launches at once, 1 thread per job here
+    bench = Benchmark(cfg, [adamw, lion], out, launcher, progress=False)
     bench.execute(jobs, "tune")
     ok, refused, ok2 = (bench.result(j) for j in jobs)
     assert (ok.status, refused.status, ok2.status) == ("ok", "failed", "ok"), (refused.reason, ok.reason)
@@ -48,7 +50,7 @@ def test_jobs_run_through_train_py_multirun_and_are_not_run_twice(tmp_path: Path
     assert finals[-1]["step"] == steps and ok.final_loss == finals[-1]["val/loss"]
     assert len(ok.evals) == 3  # step 0, then every ceil(steps / evals_per_run) steps, the last at the end
     bench.execute(jobs, "tune")  # all done: no second launch
-    assert len(list((out / "logs").glob("launch-*.log"))) == 1
+    assert len(list((out / "logs").glob("launch-*.log"))) == 2  # jobs 0 and 2 in one, job 1 in the other
     assert [json.loads(line)["runs"] for line in (out / "ledger.jsonl").read_text().splitlines()] == [3]
 
 
@@ -82,3 +84,9 @@ def test_after_a_launch_a_crash_is_marked_failed_but_a_signal_or_a_run_never_sta
     with pytest.raises(ConfigError, match="stopped by a signal \\(exit code -15\\)"):
         finish({"killed": job("killed")}, tmp_path, log, -15, done.append)
     assert not (tmp_path / "killed" / MARKER).exists()  # the whole launch was stopped: nothing is a failure
+
+
+def test_several_local_launches_share_out_the_cores():
+    cores = os.cpu_count() or 1
+    assert threads_per_job(1) is None  # one launch: torch's own default
+    assert threads_per_job(2) == max(1, cores // 2) and threads_per_job(4 * cores) == 1

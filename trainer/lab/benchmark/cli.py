@@ -19,7 +19,7 @@ from trainer.errors import ConfigError, exit_with_error
 from trainer.lab.benchmark.analysis import analyze
 from trainer.lab.benchmark.config import load_config, prepare, settings
 from trainer.lab.benchmark.estimate import estimate_seconds, step_seconds
-from trainer.lab.benchmark.launch import HydraLauncher, Launcher
+from trainer.lab.benchmark.launch import HydraLauncher, Launcher, threads_per_job
 from trainer.lab.benchmark.protocol import Benchmark, machine_seconds
 from trainer.lab.benchmark.report import write_report
 
@@ -35,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hydra", action="append", default=[], metavar="ARG",
                    help="an argument for every `train.py -m` launch, e.g. --hydra +launcher=slurm "
                         "--hydra hydra.launcher.partition=gpu (repeat it)")  # fmt: skip
+    p.add_argument("--local-jobs", type=int, default=1, metavar="N",
+                   help="N launches at once on this machine, each job with cores / N torch threads (default 1: "
+                        "one launch, torch's default threads; 2 on a 2-core CPU: see docs/comparing.md)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="check, count the runs, estimate the time, and stop")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs there, run nothing")
     p.add_argument("--no-probe", action="store_true", help="no timing probe (the estimate then needs finished runs)")
@@ -79,15 +82,19 @@ def _main(args: argparse.Namespace, argv: list[str] | None, launcher: Callable[[
         cfg = load_config(args.preset, args.overrides)
         out = Path(args.out or Path("runs") / "benchmark" / Path(args.preset).stem)
         sets = settings(cfg)  # every config composed and checked before any run
-        bench = Benchmark(cfg, sets, out, launcher(out) if launcher else HydraLauncher(out, args.hydra))
+        if args.local_jobs < 1:
+            raise ConfigError(f"--local-jobs={args.local_jobs} must be at least 1")
+        made = launcher(out) if launcher else HydraLauncher(out, args.hydra, local_jobs=args.local_jobs)
+        bench = Benchmark(cfg, sets, out, made)
         plan, outcomes = bench.plan()
         out.mkdir(parents=True, exist_ok=True)
         (out / "benchmark.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         if not args.report_only:
             if plan.runs:
                 prepare(sets)  # tokenise each corpus once (the probe and every job read the cache)
-            step_s = step_seconds(cfg, bench.collect(outcomes), out, probe=not args.no_probe and plan.runs > 0)
-            seconds = estimate_seconds(cfg, plan, outcomes, step_s)
+            threads = threads_per_job(args.local_jobs)
+            step_s = step_seconds(cfg, bench.collect(outcomes), out, not args.no_probe and plan.runs > 0, threads)
+            seconds = estimate_seconds(cfg, plan, outcomes, step_s, args.local_jobs)
             total = sum(plan.total.values())
             print(f"{plan.runs} runs to go of {total} (tuning {plan.todo['tune']}, tuned {plan.todo['tuned']}"
                   f"{' at most' if any(o.tune is None for o in outcomes) else ''}, defaults {plan.todo['default']}; "

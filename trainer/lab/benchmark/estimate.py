@@ -42,29 +42,36 @@ def measured_step_s(outcomes: list[Outcome]) -> dict[str, float]:
     return out
 
 
-def probe_step_s(cfg: BenchmarkConfig, s: Setting, steps: int = 10, warmup: int = 2) -> float:
-    """Seconds per optimizer step of this setting's tuning run: the median of `steps` steps after `warmup`
-    (the median, so that a step another process delayed does not set the estimate)."""
+def probe_step_s(cfg: BenchmarkConfig, s: Setting, threads: int | None = None, steps: int = 10,
+                 warmup: int = 2) -> float:  # fmt: skip
+    """Seconds per optimizer step of this setting's tuning run, with `threads` torch threads as its jobs will
+    have (None: torch's default): the median of `steps` steps after `warmup` (the median, so that a step another
+    process delayed does not set the estimate)."""
+    import torch
+
     from trainer.entry.cli import scratch_run
     from trainer.loop import optimizer_step, step_context
-    from trainer.runtime import device_sync
 
-    job = make_job(cfg, s, s.defaults, tune_budget(s.size), cfg.tune_seed, "probe")
-    run = scratch_run(list(job.overrides))
-    sc = step_context(run, guarded=False)
-    for i in range(warmup):
-        optimizer_step(run, sc, i + 1)
-    times = []
-    for i in range(steps):
-        device_sync(run.device)
-        start = time.perf_counter()
-        loss, _ = optimizer_step(run, sc, warmup + i + 1)
-        loss.item()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        run = scratch_run(list(make_job(cfg, s, s.defaults, tune_budget(s.size), cfg.tune_seed, "probe").overrides))
+        sc = step_context(run, guarded=False)
+        for i in range(warmup):
+            optimizer_step(run, sc, i + 1)
+        times = []
+        for i in range(steps):
+            start = time.perf_counter()
+            loss, _ = optimizer_step(run, sc, warmup + i + 1)
+            loss.item()  # waits for the device
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(before)
 
 
-def step_seconds(cfg: BenchmarkConfig, outcomes: list[Outcome], out: Path, probe: bool) -> dict[str, float]:
+def step_seconds(cfg: BenchmarkConfig, outcomes: list[Outcome], out: Path, probe: bool,
+                 threads: int | None = None) -> dict[str, float]:  # fmt: skip
     """Per setting: measured if it has finished runs, else probed (cached in probe.json) when probe is True."""
     found = measured_step_s(outcomes)
     cache_path = out / "probe.json"
@@ -74,14 +81,15 @@ def step_seconds(cfg: BenchmarkConfig, outcomes: list[Outcome], out: Path, probe
         cache = {}
     for o in outcomes:
         key = _key(o.setting)
+        probed = f"{key}, {threads or 'default'} threads"
         if key in found:
             continue
-        if key not in cache and probe:
-            cache[key] = probe_step_s(cfg, o.setting)
+        if probed not in cache and probe:
+            cache[probed] = probe_step_s(cfg, o.setting, threads)
             out.mkdir(parents=True, exist_ok=True)
             cache_path.write_text(json.dumps(cache, indent=1) + "\n")
-        if key in cache:
-            found[key] = cache[key]
+        if probed in cache:
+            found[key] = cache[probed]
     return found
 
 
@@ -90,9 +98,10 @@ def run_seconds(cfg: BenchmarkConfig, step_s: float, steps: int) -> float:
     return steps * step_s + evals * cfg.eval_batches * step_s / 3 + JOB_OVERHEAD_S
 
 
-def estimate_seconds(cfg: BenchmarkConfig, plan: Plan, outcomes: list[Outcome],
-                     step_s: dict[str, float]) -> float | None:  # fmt: skip
-    """Seconds for everything the plan has left; None when a setting has no timing (no probe, no runs)."""
+def estimate_seconds(cfg: BenchmarkConfig, plan: Plan, outcomes: list[Outcome], step_s: dict[str, float],
+                     local_jobs: int = 1) -> float | None:  # fmt: skip
+    """Seconds for everything the plan has left, `local_jobs` runs at a time; None when a setting has no timing
+    (no probe, no runs)."""
     if any(_key(o.setting) not in step_s for o in outcomes):
         return None if plan.runs else 0.0
     by_key = {_key(o.setting): o.setting for o in outcomes}
@@ -109,4 +118,4 @@ def estimate_seconds(cfg: BenchmarkConfig, plan: Plan, outcomes: list[Outcome],
             budgets = {*size.budgets, *(size.baseline_budgets if o.setting.optimizer == cfg.baseline else [])}
             total += sum(run_seconds(cfg, step_s[key], o.setting.steps(b)) * len(cfg.seeds) for b in budgets)
     launches = (max(plan.tuning_left.values(), default=0) + 1) + (1 if plan.runs else 0)
-    return total + launches * LAUNCH_OVERHEAD_S
+    return total / max(1, local_jobs) + launches * LAUNCH_OVERHEAD_S

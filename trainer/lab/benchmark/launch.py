@@ -2,7 +2,8 @@
 
 One batch is one `python train.py -m` (see jobs.py), with the launcher the user chose: Hydra's basic one
 (one job after another, in one process), `+launcher=local` (submitit, a process per job) or
-`+launcher=slurm` (a SLURM job per run, the benchmark waiting on this machine). Its output goes to
+`+launcher=slurm` (a SLURM job per run, the benchmark waiting on this machine); with --local-jobs N, N of
+them at once over disjoint shares of the batch, each job with cores / N torch threads. Output goes to
 OUT/logs/launch-NNNN.log. While it runs, the run directories are polled, so the progress bar moves as
 runs finish. When it ends, a run that started but did not finish is marked failed (results.MARKER) with its
 `error:` line or the last line of its train.log. A run that never started, or that a signal stopped (it
@@ -12,6 +13,7 @@ running it again resumes those runs. Ctrl-C or SIGTERM to the benchmark itself p
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -49,10 +51,17 @@ class Launcher(Protocol):
         """Run the jobs, each into runs_dir/<job.key>; call done(job) as each one ends (in any order)."""
 
 
+def threads_per_job(local_jobs: int) -> int | None:
+    """With several launches at once, each job's torch threads (OMP_NUM_THREADS): the cores shared out. None
+    for one launch (torch's own default). On a small CPU this matters more than it seems: two threads of a tiny
+    model wait on each other whenever another process holds a core (docs/comparing.md has the figures)."""
+    return None if local_jobs <= 1 else max(1, (os.cpu_count() or 1) // local_jobs)
+
+
 class HydraLauncher:
-    def __init__(self, out: Path, hydra_args: list[str], poll_s: float = 2.0):
+    def __init__(self, out: Path, hydra_args: list[str], poll_s: float = 2.0, local_jobs: int = 1):
         self.jobs_dir, self.logs = out / "jobs", out / "logs"
-        self.hydra_args, self.poll_s = list(hydra_args), poll_s
+        self.hydra_args, self.poll_s, self.local_jobs = list(hydra_args), poll_s, max(1, local_jobs)
 
     def command(self, jobs: list[Job], runs_dir: Path) -> list[str]:
         keys = ",".join(j.key for j in jobs)
@@ -60,31 +69,49 @@ class HydraLauncher:
                 f"hydra.sweep.dir={runs_dir.resolve()}", *self.hydra_args]  # fmt: skip
 
     def run(self, jobs: list[Job], runs_dir: Path, done: Callable[[Job], None]) -> None:
+        """One `train.py -m` per group of jobs, `local_jobs` groups at once (round-robin, so each gets a share of
+        every size and budget); each group's runs are then classified by finish()."""
         for job in jobs:
             write_job(job, self.jobs_dir)
         self.logs.mkdir(parents=True, exist_ok=True)
-        log = self.logs / f"launch-{len(list(self.logs.glob('launch-*.log'))) + 1:04d}.log"
-        waiting = {job.key: job for job in jobs}
+        number = len(list(self.logs.glob("launch-*.log"))) + 1
+        groups = [g for g in (jobs[i :: self.local_jobs] for i in range(self.local_jobs)) if g]
+        waiting = [{job.key: job for job in g} for g in groups]
+        logs = [self.logs / f"launch-{number + i:04d}.log" for i in range(len(groups))]
+        threads = threads_per_job(self.local_jobs)
+        env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
 
         def collect() -> None:
-            for key, job in list(waiting.items()):
-                if read_run(runs_dir / key, job.steps).status != "pending":
-                    done(waiting.pop(key))
+            for group in waiting:
+                for key, job in list(group.items()):
+                    if read_run(runs_dir / key, job.steps).status != "pending":
+                        done(group.pop(key))
 
-        with open(log, "w") as out:
-            proc = subprocess.Popen(self.command(jobs, runs_dir), stdout=out, stderr=subprocess.STDOUT,
-                                    cwd=TRAIN.parent)  # fmt: skip
-            try:
-                while proc.poll() is None:
-                    time.sleep(self.poll_s)
-                    collect()
-            except BaseException:  # Ctrl-C or SIGTERM: the runs checkpoint and stop, and a re-run resumes them
-                if proc.poll() is None:
-                    proc.terminate()
-                    proc.wait(timeout=120)
-                raise
+        procs = []
+        try:
+            for group, log in zip(groups, logs, strict=True):
+                with open(log, "w") as out:  # the child keeps its own copy of the file
+                    procs.append(subprocess.Popen(self.command(group, runs_dir), stdout=out,
+                                                  stderr=subprocess.STDOUT, cwd=TRAIN.parent, env=env))  # fmt: skip
+            while any(p.poll() is None for p in procs):
+                time.sleep(self.poll_s)
+                collect()
+        except BaseException:  # Ctrl-C or SIGTERM: the runs checkpoint and stop, and a re-run resumes them
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                p.wait(timeout=120)
+            raise
         collect()
-        finish(waiting, runs_dir, log, proc.returncode, done)
+        problems = []
+        for group, log, p in zip(waiting, logs, procs, strict=True):
+            try:
+                finish(group, runs_dir, log, p.returncode, done)
+            except ConfigError as e:
+                problems.append(str(e))
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 INTERRUPTED = "checkpoint saved; continue with trainer.resume=auto"  # what a run stopped by a signal logs last
