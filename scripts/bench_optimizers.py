@@ -9,12 +9,13 @@
 Each optimizer is built from its YAML defaults and stepped on the same fixed random gradients, side by
 side with torch's fused AdamW on the same parameters: the two steps alternate (one of each, `--steps`
 times, after `--warmup` of each), so a machine shared with other work slows both alike. Prints one JSON
-line per optimizer: ms per step, AdamW's ms over the same rounds, and the ratio. Optimizers with a fused
-step (optimizer.fused, optim/fused.py) are timed both ways (`--fused both`, the default): `name` eager and
-`name+fused` compiled, whose line also gives `first_step_s` (the compile, with whatever the Inductor cache
-held) and `max_abs_diff_vs_eager` (after --steps + --warmup steps from the same start: 0 where the two
-are bit-identical). Sophia's figure is amortised: step() plus update_hessian()'s time / k, k its
-hessian_interval (the estimator's forward/backward is model time and is not counted).
+line per optimizer: ms per step, AdamW's ms over the same rounds, and the ratio (or `error`, and the run
+goes on). Optimizers with a fused step (optimizer.fused, optim/fused.py) are timed both ways (`--fused
+both`, the default): `name` eager and `name+fused` compiled, whose line also gives `first_step_s` (the
+compile, with whatever the Inductor cache held) and `max_abs_diff_vs_eager` (after --steps + --warmup
+steps from the same start: 0 where the two are bit-identical). Sophia's figure is amortised: step() plus
+update_hessian()'s time / k, k its hessian_interval (the estimator's forward/backward is model time and
+is not counted).
 
 `--compile-times` also runs each fused step in two fresh processes sharing a new, empty Inductor cache
 directory: the first pays the cold compile, the second the warm one (`cold_s`, `warm_s`: the first
@@ -219,7 +220,13 @@ def main(argv: list[str] | None = None) -> None:
         for choice in choices:
             if choice is not None:
                 cfg = config(opt_name, [*extra, f"optimizer.fused={choice}"]).optimizer
-            result = run(name + ("+fused" if choice == "true" else ""), cfg)
+            label = name + ("+fused" if choice == "true" else "")
+            try:
+                result = run(label, cfg)
+            except Exception as e:  # one optimizer failing (a compile on a new device, say) is a result too
+                print(json.dumps({"optimizer": label, "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)
+                gc.collect()
+                continue
             if choice == "true" and args.fused == "both":
                 eager = config(opt_name, [*extra, "optimizer.fused=false"]).optimizer
                 pairs = zip(weights_after(cfg), weights_after(eager), strict=True)
