@@ -72,23 +72,22 @@ Speed (one CPU thread, GPT-2-small-sized parameters, 124M): ~1.25 s per step, ag
 bitsandbytes' CPU AdamW8bit and ~0.14 s for torch's fused float32 AdamW; the update is ~30 passes of
 torch ops over the moments where a fused kernel makes one.
 
-Fused step (`fused=True`, optim/fused.py): for each 8-bit parameter, `_adamw8bit_kernel` (compiled once per
-block size) dequantises, updates and requantises its moments and updates the parameter in one pass over
-the blocks, reading the gradient, the parameter and two code arrays and writing those two and the
-parameter (about 15 bytes per element against fused AdamW's 28). Its codes and absmax are bit-identical
-to the eager step's on a CPU, and so is the update except for the square root: torch's eager CPU sqrt is
-not correctly rounded (1 ulp off on ~0.7% of elements) and the compiled one is, so a parameter can
-differ by a float32 ulp per step. Tensors under min_8bit_size keep the eager float32 update.
-On a CPU the compiled kernel is slower than the eager chunked step (1.3-1.9x its time on GPT-2 shapes,
-measured): each element takes six table lookups (two dequantisations, two bucket tables per moment),
-which Inductor's C++ backend emits as scalar gathers through a staging buffer, where the eager step's
-index_select and cache-sized chunks do better. So `fused=auto` keeps the eager step on a CPU; the kernel
-is for devices whose compiler gathers natively (Triton on CUDA), and `fused=true` forces it.
-"""
+Fused step (`fused=True`, optim/fused.py; the kernel is in optim/adamw8bit_fused.py): for each 8-bit
+parameter, one kernel (compiled once per block size) dequantises, updates and requantises its moments and
+updates the parameter in one pass over the blocks, reading the gradient, the parameter and two code arrays
+and writing those two and the parameter (about 15 bytes per element against fused AdamW's 28). Its codes
+and absmax are bit-identical to the eager step's on a CPU, and so is the update except for the square
+root: torch's eager CPU sqrt is not correctly rounded (1 ulp off on ~0.7% of elements) and the compiled
+one is, so a parameter can differ by a float32 ulp per step. Tensors under min_8bit_size keep the eager
+float32 update. On a CPU the compiled kernel is slower than the eager chunked step on one thread (1.3-1.9x
+its time on GPT-2 shapes, measured) and about as fast on two quiet ones (1653 against 1702 ms,
+bench_optimizers.py): each element takes six table lookups (two dequantisations, two bucket tables per
+moment), which Inductor's C++ backend emits as scalar gathers through a staging buffer, where the eager
+step's index_select and cache-sized chunks do better. So `fused=auto` keeps the eager step on a CPU; the
+kernel is for devices whose compiler gathers natively (Triton on CUDA), and `fused=true` forces it. """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -99,6 +98,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from optim import checks, fused
+from optim.adamw8bit_fused import update_8bit_fused
 from optim.builder import BuildContext, param_groups, refused, register
 from optim.checks import check_hparams
 from optim.quantize8bit import (
@@ -272,7 +272,7 @@ class AdamW8bit(Optimizer):
                 signed = _lookup_tables(True, group["rounding"], device)
                 unsigned = _lookup_tables(False, group["rounding"], device)
                 if self.fused:
-                    items = _update_8bit_fused(items, block, signed, unsigned, step=t, **hp)
+                    items = update_8bit_fused(items, block, signed, unsigned, step=t, **hp)
                 if items:
                     self._update_8bit(items, block, signed, unsigned, step=t, **hp)
         return loss
@@ -396,64 +396,6 @@ class AdamW8bit(Optimizer):
 
         for item in items:
             item.finish()
-
-
-def _quantize(x, absmax, thr, low, jump):
-    """_quantize_blocks's codes for (blocks, block) x and its absmax, in a kernel."""
-    v = (x * torch.reciprocal(absmax).unsqueeze(1)).view(-1)
-    bucket = torch.bitwise_right_shift(v.view(torch.int32), 16).bitwise_and(0xFFFF)
-    above = (v >= thr[bucket]).to(torch.uint8)
-    if jump is not None:
-        above = above * jump[bucket]
-    return low[bucket] + above
-
-
-def _adamw8bit_kernel(block: int, p, g, m_codes, v_codes, m_absmax, v_absmax, m_code, m_thr, m_low, m_jump, v_code,
-                      v_thr, v_low, v_jump, beta1, one_minus_beta1, beta2, one_minus_beta2, correction2, eps, decay,
-                      step):  # fmt: skip
-    """`_update_8bit` for one parameter (p, g flat; codes padded to whole blocks), rounded as ATen rounds it."""
-    n, blocks = p.shape[0], m_absmax.shape[0]
-    g = torch.nn.functional.pad(g, (0, blocks * block - n)).view(blocks, block)
-    m = m_code[m_codes.to(torch.int32)].view(blocks, block) * m_absmax.unsqueeze(1)
-    v = v_code[v_codes.to(torch.int32)].view(blocks, block) * v_absmax.unsqueeze(1)
-    m = fused.add_scaled(m * beta1, g, one_minus_beta1)
-    v = fused.addcmul(v * beta2, g, g, one_minus_beta2)
-    denom = v.sqrt() / correction2 + eps
-    p.copy_(fused.addcdiv(p * decay, m.view(-1)[:n], denom.view(-1)[:n], step))
-    new_m_absmax = torch.maximum(m.amax(dim=1), m.amin(dim=1).neg())
-    new_v_absmax = v.amax(dim=1)
-    m_codes.copy_(_quantize(m, new_m_absmax, m_thr, m_low, m_jump))
-    v_codes.copy_(_quantize(v, new_v_absmax, v_thr, v_low, v_jump))
-    m_absmax.copy_(new_m_absmax)
-    v_absmax.copy_(new_v_absmax)
-
-
-@functools.cache
-def _kernel(block: int) -> fused.Kernel:
-    """The kernel for one block size (a constant of the compiled loop)."""
-    kernel = functools.partial(_adamw8bit_kernel, block)
-    kernel.__name__ = f"adamw8bit_{block}"
-    # Codes index a 256-entry map and buckets a 65536-entry table: in range by construction, so no checks.
-    return fused.Kernel(kernel, assert_indirect_indexing=False)
-
-
-def _update_8bit_fused(items: list[_Item], block: int, signed: _Tables, unsigned: _Tables, *, step: int, lr: float,
-                       beta1: float, beta2: float, eps: float, weight_decay: float) -> list[_Item]:  # fmt: skip
-    """The compiled kernel for every item it takes (float32, contiguous); returns the others."""
-    correction1 = 1.0 - beta1**step
-    args = fused.scalars(beta1, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2**step), eps,
-                         1.0 - lr * weight_decay if weight_decay > 0.0 else 1.0, -lr / correction1)  # fmt: skip
-    tables = (signed.code, signed.thr, signed.low, signed.jump)
-    tables += (unsigned.code, unsigned.thr, unsigned.low, unsigned.jump)
-    kernel, rest = _kernel(block), []
-    for item in items:
-        st = item.state
-        if not (item.direct and item.flat.data_ptr() == item.param.data_ptr() and fused.fusable(item.flat, item.grad)):
-            rest.append(item)
-            continue
-        kernel(fused.flat(item.flat), fused.flat(item.grad), st["exp_avg_codes"], st["exp_avg_sq_codes"],
-               st["exp_avg_absmax"], st["exp_avg_sq_absmax"], *tables, *args)  # fmt: skip
-    return rest
 
 
 # ---- registration in the trainer's optimizer zoo ---------------------------------------------------
