@@ -225,10 +225,6 @@ def race(overrides: list[str], cfg, run) -> dict:
     }  # fmt: skip
 
 
-def without(overrides: list[str], key: str) -> list[str]:
-    return [o for o in overrides if not o.startswith(f"{key}=")]
-
-
 def compiled_run(overrides: list[str], steps: int) -> dict:
     """`python train.py OVERRIDES trainer.compile=true` for `steps` steps in a fresh process (in this one, the
     compilers' in-memory caches would make a second compile look cheaper than a new process finds it): it fills
